@@ -1,0 +1,199 @@
+"""Checkpoint files: fairchem (all v1 layouts) and mlcalc's own format. Always ``weights_only=True``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+MLCALC_FORMAT = "mlcalc-checkpoint"
+MLCALC_FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointData:
+    """What inference needs from a checkpoint file.
+
+    normalizers: ``{"energy": (mean, std), "forces": (mean, std)}`` as exact Python floats (missing = identity).
+    state_dict: parameter tensors with fairchem's ``module.`` prefixes removed.
+    scale_dict: GemNet-style ``{module path: scale}`` kept outside the state_dict (legacy files), else None.
+    """
+
+    model_name: str
+    hparams: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    scale_dict: dict[str, float] | None = None
+    normalizers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source_format: str = "fairchem"
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it contains pickled Python objects beyond tensors and plain containers, "
+            "and mlcalc loads checkpoints with weights_only=True so that opening a file can never execute code "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from None
+
+
+def _strip_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        out[key] = value
+    return out
+
+
+def _as_float(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def _fairchem_normalizers(ckpt: dict[str, Any], config: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Energy/force normalisers from the ``normalizers`` entry (legacy or Normalizer form) or the dataset config."""
+    raw = ckpt.get("normalizers") or {}
+    out: dict[str, tuple[float, float]] = {}
+    for name, legacy in (("energy", "target"), ("forces", "grad_target")):
+        entry = raw.get(name, raw.get(legacy))
+        if entry is None:
+            continue
+        std = entry.get("rmsd", entry.get("std"))
+        if "mean" not in entry or std is None:
+            raise ValueError(f"checkpoint normalizer {name!r} lacks mean/std: keys {sorted(entry)}")
+        out[name] = (_as_float(entry["mean"]), _as_float(std))
+    if not out:
+        ds = config.get("dataset") or {}
+        if isinstance(ds, list):
+            ds = ds[0] if ds else {}
+        if isinstance(ds, dict) and isinstance(ds.get("train"), dict):
+            ds = ds["train"]
+        if isinstance(ds, dict) and ds.get("normalize_labels"):
+            if "target_mean" in ds:
+                out["energy"] = (float(ds["target_mean"]), float(ds["target_std"]))
+            if "grad_target_mean" in ds:
+                out["forces"] = (float(ds["grad_target_mean"]), float(ds["grad_target_std"]))
+    for name, (mean, std) in out.items():
+        if not (math.isfinite(mean) and math.isfinite(std)) or std == 0:
+            raise ValueError(f"checkpoint normalizer {name!r} is unusable: mean={mean}, std={std}")
+    if ckpt.get("elementrefs"):
+        raise ValueError(
+            "checkpoint has element references (elementrefs); mlcalc does not apply per-element energy "
+            "references yet, so its energies would be wrong"
+        )
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
+    """Read a fairchem v1 checkpoint (legacy, new, ``module.`` prefixes, ``scale_dict``) or an mlcalc file."""
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    if ckpt.get("format") == MLCALC_FORMAT:
+        return CheckpointData(
+            model_name=ckpt["model"],
+            hparams=dict(ckpt["hparams"]),
+            state_dict=dict(ckpt["state_dict"]),
+            normalizers={k: (float(v[0]), float(v[1])) for k, v in ckpt.get("normalizers", {}).items()},
+            metadata=dict(ckpt.get("metadata", {})),
+            source_format="mlcalc",
+        )
+    if "state_dict" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a fairchem or mlcalc checkpoint (keys: {sorted(ckpt)[:10]})")
+    config = ckpt["config"]
+    model_cfg = config.get("model")
+    if isinstance(model_cfg, dict):  # new layout: model: {name, ...hparams}
+        hparams = {k: v for k, v in model_cfg.items() if k != "name"}
+        name = model_cfg["name"]
+    elif isinstance(model_cfg, str):  # legacy layout: model + model_attributes
+        name = model_cfg
+        hparams = dict(config.get("model_attributes") or {})
+    else:
+        raise ValueError(f"{path}: cannot find the model name in config['model'] ({model_cfg!r})")
+    scale_dict = ckpt.get("scale_dict")
+    if scale_dict is not None:
+        scale_dict = {k: _as_float(v) for k, v in scale_dict.items()}
+    scale_file = hparams.get("scale_file")
+    if isinstance(scale_file, str) and not Path(scale_file).exists():
+        logger.info("ignoring scale_file %r (not present; scale factors are taken from the checkpoint)", scale_file)
+    metadata = {
+        "source": "fairchem",
+        "trainer": config.get("trainer"),
+        "task": config.get("task"),
+        "epoch": ckpt.get("epoch"),
+    }
+    return CheckpointData(
+        model_name=str(name),
+        hparams=hparams,
+        state_dict=_strip_prefix(ckpt["state_dict"]),
+        scale_dict=scale_dict,
+        normalizers=_fairchem_normalizers(ckpt, config),
+        metadata=metadata,
+    )
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights and normalisers (CPU, float32 weights)."""
+    from mlcalc.models.base import get_model_class
+
+    data = read_checkpoint(path)
+    cls = get_model_class(data.model_name)
+    model = cls.from_config(data.hparams)
+    if data.source_format == "mlcalc":
+        model.load_state_dict(data.state_dict, strict=True)
+    else:
+        model.load_checkpoint_state(data.state_dict, data.scale_dict)
+    model.normalizers = dict(data.normalizers)
+    model.metadata = dict(data.metadata)
+    model.checkpoint_path = str(path)
+    model.eval()
+    return model
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> None:
+    """Write ``model`` in mlcalc's format: name, hyperparameters, state_dict, normalisers and metadata.
+
+    Metadata defaults: elements (the model's max atomic number), cutoff (Å), units, mlcalc version; keyword
+    arguments (e.g. ``training_data="OC20 S2EF all+MD"``) are added. Values must be plain Python data.
+    """
+    from mlcalc import __version__
+
+    name = getattr(model, "registry_name", "")
+    if not name:
+        raise ValueError(f"{type(model).__name__} is not a registered mlcalc model; cannot save it")
+    meta: dict[str, Any] = {
+        "max_atomic_number": int(getattr(model, "max_elements", 118)),
+        "cutoff": float(model.cutoff),
+        "units": {"energy": "eV", "length": "Angstrom", "forces": "eV/Angstrom"},
+        "mlcalc_version": __version__,
+        "direct_forces": bool(model.direct_forces),
+    }
+    meta.update(getattr(model, "metadata", {}) or {})
+    meta.update(metadata)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": MLCALC_FORMAT,
+        "format_version": MLCALC_FORMAT_VERSION,
+        "model": name,
+        "hparams": dict(model.hparams),
+        "state_dict": state,
+        "normalizers": {k: [float(m), float(s)] for k, (m, s) in getattr(model, "normalizers", {}).items()},
+        "metadata": meta,
+    }
+    torch.save(payload, Path(path))

@@ -1,0 +1,252 @@
+"""Periodic radius graph: O(N) candidate search (vesin or a torch cell list) and fairchem-style max-neighbour selection.
+
+Semantics follow fairchem's ``radius_graph_pbc`` / ``get_max_neighbors_mask``: pairs with 1e-4 Å² < d² <= cutoff²,
+images only along periodic axes, edge_index[0] = source j (the atom whose image is used), edge_index[1] = target i.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from torch import Tensor
+
+from mlcalc.graph.atomgraph import AtomGraph
+from mlcalc.graph.celllist import (
+    MIN_DISTANCE_SQ,
+    SEARCH_MARGIN,
+    cell_list_pairs,
+    complete_cell,
+    pair_distances_sq,
+)
+
+logger = logging.getLogger(__name__)
+
+#: fairchem drops pairs with d <= 0.01 Å (it tests d² > 1e-4): an atom with itself at zero offset.
+MIN_DISTANCE = 0.01
+#: tolerance added to the (k+1)-th nearest value in non-strict max-neighbour selection.
+NONSTRICT_TOLERANCE = 0.01
+#: candidate-search backends accepted by ``radius_graph``.
+BACKENDS = ("auto", "vesin", "torch")
+
+
+def check_cell(cell: np.ndarray, pbc: np.ndarray, label: str = "structure") -> None:
+    """Raise ValueError if the cell is non-finite or a periodic axis has a zero / dependent cell vector."""
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    if cell.shape != (3, 3) or pbc.shape != (3,):
+        raise ValueError(f"{label}: cell must be (3, 3) and pbc (3,), got {cell.shape} and {pbc.shape}")
+    if not np.all(np.isfinite(cell)):
+        raise ValueError(f"{label}: the cell contains NaN or inf")
+    lengths = np.linalg.norm(cell, axis=1)
+    for ax in range(3):
+        if pbc[ax] and lengths[ax] < 1e-8:
+            raise ValueError(
+                f"{label}: pbc is True along axis {ax} but cell vector {ax} has zero length; "
+                "set a cell or turn periodicity off along that axis"
+            )
+    if pbc.any():
+        periodic_cell = cell[pbc]
+        if np.linalg.matrix_rank(periodic_cell, tol=1e-8 * max(lengths.max(), 1.0)) < int(pbc.sum()):
+            raise ValueError(f"{label}: the periodic cell vectors are linearly dependent (degenerate cell)")
+
+
+def _vesin_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """Raw vesin candidates (E, 5) int64 columns i, j, S (within cutoff + SEARCH_MARGIN; not yet filtered)."""
+    import vesin
+
+    if len(positions) == 0:
+        return np.zeros((0, 5), dtype=np.int64)
+    box = complete_cell(cell, pbc) if pbc.any() else np.zeros((3, 3))
+    nl = vesin.NeighborList(cutoff=float(cutoff) + SEARCH_MARGIN, full_list=True)
+    i, j, shifts = nl.compute(np.ascontiguousarray(positions, dtype=np.float64), box, [bool(p) for p in pbc], "ijS")
+    return np.concatenate([i[:, None], j[:, None], shifts.reshape(-1, 3)], axis=1).astype(np.int64)
+
+
+def candidate_pairs(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (target i, source j, integer shift S) with 0.01 Å < |r_j + S@cell - r_i| <= cutoff (one structure).
+
+    vesin cell list (O(N), any cell shape, cells smaller than the cutoff, atoms outside the cell).
+    Returns numpy arrays i (E,), j (E,), S (E, 3) int64 and the float64 distances d (E,), in vesin's order.
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    raw = torch.from_numpy(_vesin_pairs(pos, cell, pbc, cutoff))
+    i, j, s = raw[:, 0], raw[:, 1], raw[:, 2:]
+    d2 = pair_distances_sq(torch.from_numpy(pos), torch.from_numpy(cell), i, j, s)
+    keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
+    return i[keep].numpy(), j[keep].numpy(), s[keep].numpy(), d2[keep].sqrt().numpy()
+
+
+def _check_max_neighbors(max_neighbors: int | None) -> None:
+    if max_neighbors is not None and (isinstance(max_neighbors, bool) or int(max_neighbors) != max_neighbors):
+        raise ValueError(f"max_neighbors must be a positive integer or None, got {max_neighbors!r}")
+    if max_neighbors is not None and max_neighbors < 1:
+        raise ValueError(f"max_neighbors must be >= 1 (None means no limit), got {max_neighbors}")
+
+
+def _select_sorted(
+    target: Tensor, values: Tensor, num_nodes: int, max_neighbors: int, strict: bool, tolerance: float
+) -> Tensor:
+    """``select_neighbors`` for edges already sorted by (target, value). Returns the (E,) keep mask."""
+    counts = torch.bincount(target, minlength=num_nodes)
+    if target.numel() == 0 or int(counts.max()) <= max_neighbors:
+        return torch.ones(target.numel(), dtype=torch.bool, device=target.device)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(target.numel(), device=target.device) - starts[target]
+    if strict:
+        return rank < max_neighbors
+    # effective bound: (k+1)-th smallest value + tolerance; targets with <= k edges keep everything (inf)
+    bound = torch.full((num_nodes,), float("inf"), dtype=values.dtype, device=values.device)
+    at_k = rank == max_neighbors
+    bound[target[at_k]] = values[at_k] + tolerance
+    return values <= bound[target]
+
+
+def select_neighbors(
+    target: Tensor,
+    values: Tensor,
+    num_nodes: int,
+    max_neighbors: int | None,
+    strict: bool = True,
+    tolerance: float = NONSTRICT_TOLERANCE,
+) -> Tensor:
+    """Boolean mask (E,) keeping at most ``max_neighbors`` nearest edges per target (fairchem semantics).
+
+    ``values`` are what is compared (squared distances in the radius graph, distances in GemNet-OC's
+    sub-selections). strict: exactly the k smallest per target (ties broken by edge order). Non-strict: every
+    edge whose value is at most the (k+1)-th smallest value of its target + ``tolerance``, so degenerate shells
+    stay whole. Targets with at most k edges keep all of them. Edges may come in any order; any device.
+    """
+    _check_max_neighbors(max_neighbors)
+    n_edges = target.numel()
+    if max_neighbors is None or n_edges == 0:
+        return torch.ones(n_edges, dtype=torch.bool, device=target.device)
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(target[order], stable=True)]
+    keep_sorted = _select_sorted(target[order], values[order], num_nodes, max_neighbors, strict, tolerance)
+    mask = torch.empty(n_edges, dtype=torch.bool, device=target.device)
+    mask[order] = keep_sorted
+    return mask
+
+
+def _as_list(atoms_or_list: Atoms | Sequence[Atoms]) -> list[Atoms]:
+    if isinstance(atoms_or_list, Atoms):
+        return [atoms_or_list]
+    out = list(atoms_or_list)
+    if not all(isinstance(a, Atoms) for a in out):
+        raise TypeError("radius_graph expects an ase.Atoms or a sequence of ase.Atoms")
+    return out
+
+
+def _canonical_order(i: Tensor, d2: Tensor, j: Tensor, shifts: Tensor) -> Tensor:
+    """Permutation sorting edges by target, then squared distance, then source and shift (backend-independent)."""
+    if i.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=i.device)
+    lo = shifts.amin(0)
+    span = shifts.amax(0) - lo + 1
+    tie = ((j * span[0] + (shifts[:, 0] - lo[0])) * span[1] + (shifts[:, 1] - lo[1])) * span[2] + (shifts[:, 2] - lo[2])
+    order = torch.argsort(tie)
+    order = order[torch.argsort(d2[order], stable=True)]
+    return order[torch.argsort(i[order], stable=True)]
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "vesin" if device.type == "cpu" else "torch"
+    return backend
+
+
+def radius_graph(
+    atoms_or_list: Atoms | Sequence[Atoms],
+    cutoff: float,
+    max_neighbors: int | None = None,
+    strict: bool = True,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> AtomGraph:
+    """Build the periodic radius graph of one structure or a batch of structures.
+
+    Args:
+        atoms_or_list: an Atoms or a list of Atoms (batched into one graph with ``batch``). Positions may lie
+            outside the cell; per-axis pbc, any (non-degenerate) cell shape, cells smaller than the cutoff.
+        cutoff: radius in Å; pairs with 0.01 Å < d <= cutoff become edges (fairchem: 1e-4 < d² <= cutoff²).
+        max_neighbors: keep at most this many nearest neighbours per target (None: all).
+        strict: fairchem's ``enforce_max_neighbors_strictly``: True keeps exactly the k nearest; False keeps
+            degenerate shells whole (every neighbour with d² <= d²_(k+1) + 0.01 Å²).
+        dtype, device: of the floating tensors (positions, cell) / of every tensor of the result.
+        backend: candidate search; "vesin" (CPU), "torch" (cell list on ``device``), "auto" (vesin on CPU,
+            torch elsewhere). Both give identical graphs.
+
+    Returns an AtomGraph; edges sorted by target, then distance (then source index and offset).
+    """
+    if not np.isfinite(cutoff) or cutoff <= 0:
+        raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
+    _check_max_neighbors(max_neighbors)
+    structures = _as_list(atoms_or_list)
+    if not structures:
+        raise ValueError("radius_graph got an empty list of structures")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = _resolve_backend(backend, device)
+    pos_l, cell_l, pbc_l = [], [], []
+    for k, atoms in enumerate(structures):
+        label = f"structure {k}" if len(structures) > 1 else "structure"
+        pos = np.asarray(atoms.positions, dtype=np.float64)
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        check_cell(cell, pbc, label)
+        if not np.all(np.isfinite(pos)):
+            bad = np.where(~np.isfinite(pos).all(axis=1))[0]
+            raise ValueError(f"{label}: positions of atoms {bad.tolist()[:10]} are NaN or inf")
+        pos_l.append(pos)
+        cell_l.append(cell)
+        pbc_l.append(pbc)
+    natoms = torch.tensor([len(a) for a in structures], dtype=torch.long)
+    batch = torch.repeat_interleave(torch.arange(len(structures)), natoms).to(device)
+    pos64 = torch.from_numpy(np.concatenate(pos_l, axis=0)).to(device)
+    cell64 = torch.from_numpy(np.stack(cell_l)).to(device)
+    pbc_t = torch.from_numpy(np.stack(pbc_l)).to(device)
+
+    if backend == "torch":
+        i, j, shifts = cell_list_pairs(pos64, cell64, pbc_t, batch, float(cutoff))
+        d2 = pair_distances_sq(pos64, cell64[0] if len(structures) == 1 else cell64[batch[i]], i, j, shifts)
+    else:
+        parts, offset = [], 0
+        for pos, cell, pbc in zip(pos_l, cell_l, pbc_l, strict=True):
+            raw = torch.from_numpy(_vesin_pairs(pos, cell, pbc, cutoff))
+            raw[:, :2] += offset
+            parts.append(raw)
+            offset += len(pos)
+        raw = torch.cat(parts).to(device)
+        i, j, shifts = raw[:, 0], raw[:, 1], raw[:, 2:]
+        d2 = pair_distances_sq(pos64, cell64[0] if len(structures) == 1 else cell64[batch[i]], i, j, shifts)
+        keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
+        i, j, shifts, d2 = i[keep], j[keep], shifts[keep], d2[keep]
+
+    order = _canonical_order(i, d2, j, shifts)
+    i, j, shifts, d2 = i[order], j[order], shifts[order], d2[order]
+    if max_neighbors is not None:
+        keep = _select_sorted(i, d2, pos64.shape[0], int(max_neighbors), strict, NONSTRICT_TOLERANCE)
+        i, j, shifts = i[keep], j[keep], shifts[keep]
+    return AtomGraph(
+        pos=pos64.to(dtype),
+        numbers=torch.tensor(np.concatenate([a.numbers for a in structures]), dtype=torch.long, device=device),
+        cell=cell64.to(dtype),
+        pbc=pbc_t,
+        batch=batch,
+        natoms=natoms.to(device),
+        tags=torch.tensor(np.concatenate([a.get_tags() for a in structures]), dtype=torch.long, device=device),
+        edge_index=torch.stack([j, i]),
+        cell_offsets=shifts.contiguous(),
+        cutoff=float(cutoff),
+    )

@@ -1,0 +1,6 @@
+"""Model room: model classes and the name -> class registry."""
+
+from mlcalc.models.base import MODEL_REGISTRY, MLModel, get_model_class, register_model
+from mlcalc.models.lennard_jones import LennardJones
+
+__all__ = ["MODEL_REGISTRY", "LennardJones", "MLModel", "get_model_class", "register_model"]

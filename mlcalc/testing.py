@@ -1,0 +1,79 @@
+"""Conformance kit reused by every model's tests: finite differences, invariances, random structures."""
+
+from __future__ import annotations
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+
+
+def fd_forces(atoms: Atoms, calc: Calculator, h: float = 1e-4, indices: list[int] | None = None) -> np.ndarray:
+    """Central finite-difference forces -dE/dx (N, 3) eV/Å (rows outside ``indices`` left at 0)."""
+    a = atoms.copy()
+    a.calc = calc
+    out = np.zeros((len(a), 3))
+    base = a.positions.copy()
+    for i in range(len(a)) if indices is None else indices:
+        for k in range(3):
+            p = base.copy()
+            p[i, k] += h
+            a.positions = p
+            ep = a.get_potential_energy()
+            p[i, k] -= 2 * h
+            a.positions = p
+            em = a.get_potential_energy()
+            out[i, k] = -(ep - em) / (2 * h)
+    return out
+
+
+def fd_stress(atoms: Atoms, calc: Calculator, h: float = 1e-5) -> np.ndarray:
+    """Central finite-difference stress (Voigt, eV/Å³): dE/dε / V for symmetric strains ε, atoms moved with the cell."""
+    a = atoms.copy()
+    a.calc = calc
+    cell0, pos0, vol = a.cell.array.copy(), a.positions.copy(), a.get_volume()
+    full = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            vals = []
+            for sign in (1, -1):
+                eps = np.zeros((3, 3))
+                eps[i, j] = eps[j, i] = sign * h / (1 if i == j else 2)
+                deform = np.eye(3) + eps
+                a.set_cell(cell0 @ deform, scale_atoms=False)
+                a.positions = pos0 @ deform
+                vals.append(a.get_potential_energy())
+            full[i, j] = full[j, i] = (vals[0] - vals[1]) / (2 * h) / vol
+    a.set_cell(cell0, scale_atoms=False)
+    a.positions = pos0
+    return np.array([full[0, 0], full[1, 1], full[2, 2], full[1, 2], full[0, 2], full[0, 1]])
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    """A random proper rotation matrix (3, 3)."""
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+def rotated(atoms: Atoms, rot: np.ndarray) -> Atoms:
+    """Copy of ``atoms`` with positions and cell rotated by ``rot`` (row vectors: x -> x @ rot.T)."""
+    a = atoms.copy()
+    a.positions = atoms.positions @ rot.T
+    a.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
+    return a
+
+
+def permuted(atoms: Atoms, seed: int) -> tuple[Atoms, np.ndarray]:
+    """Copy of ``atoms`` with the atom order shuffled; returns (atoms, perm) so that new[k] = old[perm[k]]."""
+    perm = np.random.default_rng(seed).permutation(len(atoms))
+    return atoms[perm], perm
+
+
+def translated(atoms: Atoms, shift: np.ndarray) -> Atoms:
+    """Copy of ``atoms`` shifted rigidly by ``shift`` (Å), not wrapped."""
+    a = atoms.copy()
+    a.positions = a.positions + np.asarray(shift)
+    return a
