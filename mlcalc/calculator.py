@@ -163,6 +163,15 @@ class MLCalculator(Calculator):
         """ValueError for input the model cannot evaluate (empty, unknown elements, NaN, bad cell, overlaps)."""
         validate_atoms(atoms, self.model.max_elements)
 
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's change detection plus tags (GemNet-OC's quadruplet graph depends on them)."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and "tags" not in changes:
+            old, new = self.atoms.get_tags(), atoms.get_tags()
+            if old.shape != new.shape or not np.array_equal(old, new):
+                changes.append("tags")
+        return changes
+
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, graph: AtomGraph, stress: bool = False) -> dict[str, torch.Tensor]:
         """Denormalised energy (B,) eV, forces (N, 3) eV/Å and, if asked and possible, stress (B, 3, 3) eV/Å³."""

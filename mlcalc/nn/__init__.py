@@ -1,0 +1,1 @@
+"""Shared neural-network pieces: scatter helpers, bases, SO(3) utilities."""

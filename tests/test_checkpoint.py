@@ -1,0 +1,86 @@
+"""Checkpoint files: fairchem layouts (legacy, new, prefixes, scale_dict, normalizers) and mlcalc round trip."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from mlcalc import MLCalculator, load_model, read_checkpoint, save_model
+from mlcalc.models import LennardJones
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_legacy_layout_gemnet_direct():
+    ck = read_checkpoint(DATA / "gemnet_oc_small_direct.pt")
+    assert ck.model_name == "gemnet_oc"
+    assert ck.hparams["direct_forces"] is True
+    assert not any(k.startswith("module.") for k in ck.state_dict)
+    assert not any(k.endswith("scale_factor") for k in ck.state_dict)
+    assert ck.scale_dict and all(isinstance(v, float) for v in ck.scale_dict.values())
+    assert ck.normalizers["energy"] == (
+        float(np.float32(-0.7554450631141663)),
+        float(np.float32(2.887317180633545)),
+    )
+    assert ck.normalizers["forces"] == (0.0, float(np.float32(2.887317180633545)))
+
+
+def test_new_layout_gemnet_grad_has_scale_factors_in_state_dict_and_ignores_ema():
+    ck = read_checkpoint(DATA / "gemnet_oc_small_grad.pt")
+    assert ck.model_name == "gemnet_oc" and ck.hparams["direct_forces"] is False
+    assert sum(k.endswith(".scale_factor") for k in ck.state_dict) == 25
+    assert ck.scale_dict is None
+    assert ck.normalizers == {"energy": (-1.5, 1.75), "forces": (0.0, 1.75)}
+    raw = torch.load(DATA / "gemnet_oc_small_grad.pt", weights_only=True)
+    key = next(k for k in raw["state_dict"] if k.endswith("weight"))
+    assert torch.equal(ck.state_dict[key.removeprefix("module.")], raw["state_dict"][key])
+
+
+@pytest.mark.parametrize("name, model, e_mean, f_std", [("escn_small", "escn", 0.3, 20000.0), ("scn_small", "scn", -0.25, 10000.0)])
+def test_new_layout_escn_scn_normalizers_are_the_float32_tensors(name, model, e_mean, f_std):
+    ck = read_checkpoint(DATA / f"{name}.pt")
+    assert ck.model_name == model
+    assert ck.normalizers["energy"][0] == float(np.float32(e_mean))  # the tensor, not the config copy
+    assert ck.normalizers["forces"] == (0.0, f_std)
+
+
+def test_pickled_objects_are_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "config": {"model": "x"}, "payload": Evil()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    p = tmp_path / "junk.pt"
+    p.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError):
+        read_checkpoint(p)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fairchem or mlcalc"):
+        read_checkpoint(tmp_path / "other.pt")
+
+
+def test_mlcalc_format_round_trips_exactly(tmp_path):
+    model = LennardJones(sigma=2.1, epsilon=0.3, rc=5.0, ro=3.9)
+    model.normalizers = {"energy": (0.5, 2.0)}
+    save_model(model, tmp_path / "lj.pt", training_data="none (analytic)")
+    back = load_model(tmp_path / "lj.pt")
+    assert type(back) is LennardJones and back.hparams == model.hparams
+    assert back.normalizers == model.normalizers
+    assert back.metadata["training_data"] == "none (analytic)" and back.metadata["cutoff"] == 5.0
+    atoms = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
+    atoms.rattle(0.05, seed=0)
+    e1 = MLCalculator(model, device="cpu", dtype="float64").get_potential_energy(atoms)
+    e2 = MLCalculator(tmp_path / "lj.pt", device="cpu", dtype="float64").get_potential_energy(atoms)
+    assert e1 == e2
