@@ -2,5 +2,6 @@
 
 from mlcalc.models.base import MODEL_REGISTRY, MLModel, get_model_class, register_model
 from mlcalc.models.lennard_jones import LennardJones
+from mlcalc.models.scn import SCN
 
-__all__ = ["MODEL_REGISTRY", "LennardJones", "MLModel", "get_model_class", "register_model"]
+__all__ = ["MODEL_REGISTRY", "LennardJones", "MLModel", "SCN", "get_model_class", "register_model"]

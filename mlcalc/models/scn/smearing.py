@@ -1,0 +1,83 @@
+"""SCN's distance expansions (fairchem ``models/scn/smearing.py``): Gaussian, sigmoid, linear+sigmoid, SiLU.
+
+Each maps distances (E,) in Å to features (E, num_output). ``offset`` is a persistent buffer (it is in fairchem's
+state_dict); the width coefficient is a Python float computed in float64 from the same linspace.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _offsets(start: float, stop: float, num: int) -> tuple[Tensor, float]:
+    """Float32 offsets (the checkpoint's dtype) and their spacing computed in float64."""
+    if num < 2:
+        raise ValueError(f"distance expansion needs at least 2 basis functions, got {num}")
+    offset64 = torch.linspace(start, stop, num, dtype=torch.float64)
+    return offset64.to(torch.float32), float(offset64[1] - offset64[0])
+
+
+class GaussianSmearing(nn.Module):
+    """``exp(-0.5 (d - mu_k)^2 / (width * spacing)^2)`` for evenly spaced centres mu_k."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_gaussians: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_output = num_gaussians
+        offset, spacing = _offsets(start, stop, num_gaussians)
+        self.coeff = -0.5 / (basis_width_scalar * spacing) ** 2
+        self.register_buffer("offset", offset)
+
+    def forward(self, dist: Tensor) -> Tensor:
+        diff = dist.view(-1, 1) - self.offset.view(1, -1)
+        return torch.exp(self.coeff * diff.pow(2))
+
+
+class SigmoidSmearing(nn.Module):
+    """``sigmoid(width / spacing * (d - mu_k))``."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_sigmoid: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_output = num_sigmoid
+        offset, spacing = _offsets(start, stop, num_sigmoid)
+        self.coeff = basis_width_scalar / spacing
+        self.register_buffer("offset", offset)
+
+    def forward(self, dist: Tensor) -> Tensor:
+        return torch.sigmoid(self.coeff * (dist.view(-1, 1) - self.offset.view(1, -1)))
+
+
+class LinearSigmoidSmearing(SigmoidSmearing):
+    """``sigmoid(t) + 0.001 t`` with ``t = width / spacing * (d - mu_k)``."""
+
+    def forward(self, dist: Tensor) -> Tensor:
+        t = self.coeff * (dist.view(-1, 1) - self.offset.view(1, -1))
+        return torch.sigmoid(t) + 0.001 * t
+
+
+class SiLUSmearing(nn.Module):
+    """``silu(W [d, 1] + b)``: a learned expansion (no offsets)."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_output: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_output = num_output
+        self.fc1 = nn.Linear(2, num_output)
+        self.act = nn.SiLU()
+
+    def forward(self, dist: Tensor) -> Tensor:
+        d = dist.view(-1, 1)
+        return self.act(self.fc1(torch.cat([d, torch.ones_like(d)], dim=1)))
+
+
+DISTANCE_EXPANSIONS: dict[str, type[nn.Module]] = {
+    "gaussian": GaussianSmearing,
+    "sigmoid": SigmoidSmearing,
+    "linearsigmoid": LinearSigmoidSmearing,
+    "silu": SiLUSmearing,
+}
