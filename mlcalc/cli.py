@@ -60,7 +60,8 @@ def cmd_md(args: argparse.Namespace) -> int:
     dyn = Langevin(atoms, args.timestep * units.fs, temperature_K=args.temperature, friction=0.01, rng=rng)
     for k in range(0, args.steps, args.every):
         dyn.run(min(args.every, args.steps - k))
-        print(f"step {k + args.every:6d}  Epot = {atoms.get_potential_energy():.5f} eV  T = {atoms.get_temperature():.1f} K")
+        epot, temp = atoms.get_potential_energy(), atoms.get_temperature()
+        print(f"step {k + args.every:6d}  Epot = {epot:.5f} eV  T = {temp:.1f} K")
     return 0
 
 

@@ -122,7 +122,7 @@ def test_batched_predict_equals_single_calls():
         a.rattle(0.05, seed=k)
     c = calc()
     batched = c.predict(structs)
-    for a, r in zip(structs, batched):
+    for a, r in zip(structs, batched, strict=True):
         ref = a.copy()
         ref.calc = AseLJ(sigma=2.3, epsilon=0.4, rc=5.5, ro=4.0, smooth=True)
         assert r["energy"] == pytest.approx(ref.get_potential_energy(), abs=1e-8)

@@ -39,7 +39,9 @@ def test_new_layout_gemnet_grad_has_scale_factors_in_state_dict_and_ignores_ema(
     assert torch.equal(ck.state_dict[key.removeprefix("module.")], raw["state_dict"][key])
 
 
-@pytest.mark.parametrize("name, model, e_mean, f_std", [("escn_small", "escn", 0.3, 20000.0), ("scn_small", "scn", -0.25, 10000.0)])
+@pytest.mark.parametrize(
+    "name, model, e_mean, f_std", [("escn_small", "escn", 0.3, 20000.0), ("scn_small", "scn", -0.25, 10000.0)]
+)
 def test_new_layout_escn_scn_normalizers_are_the_float32_tensors(name, model, e_mean, f_std):
     ck = read_checkpoint(DATA / f"{name}.pt")
     assert ck.model_name == model

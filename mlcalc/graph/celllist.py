@@ -45,19 +45,33 @@ def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     return out
 
 
-def shift_vectors(shifts: Tensor, cell_rows: Tensor) -> Tensor:
-    """Cartesian image shifts ``S @ cell`` (E, 3), written elementwise so every backend rounds identically.
+def pair_distances_sq(
+    pos: Tensor, cell: Tensor, i: Tensor, j: Tensor, shifts: Tensor, edge_batch: Tensor | None = None
+) -> Tensor:
+    """Squared lengths (E,) of ``pos[j] + S @ cell - pos[i]``, in the dtype of ``pos`` (float64 here).
 
-    shifts: (E, 3) integer; cell_rows: (3, 3) or (E, 3, 3) float64.
+    cell: (3, 3), or (B, 3, 3) with ``edge_batch`` (E,) giving each pair's structure. Computed per Cartesian
+    component, one IEEE operation at a time in a fixed order, so every backend and device rounds identically;
+    buffers are reused (large temporaries dominate the cost on CPU).
     """
-    s = shifts.to(cell_rows.dtype)
-    return s[:, 0:1] * cell_rows[..., 0, :] + s[:, 1:2] * cell_rows[..., 1, :] + s[:, 2:3] * cell_rows[..., 2, :]
-
-
-def pair_distances_sq(pos: Tensor, cell_rows: Tensor, i: Tensor, j: Tensor, shifts: Tensor) -> Tensor:
-    """Squared lengths (E,) of ``pos[j] + S @ cell - pos[i]`` in the dtype of ``pos`` (float64 here)."""
-    v = (pos[j] - pos[i]) + shift_vectors(shifts, cell_rows)
-    return v[:, 0] * v[:, 0] + v[:, 1] * v[:, 1] + v[:, 2] * v[:, 2]
+    n = i.shape[0]
+    kw = {"dtype": pos.dtype, "device": pos.device}
+    s = [torch.empty(n, **kw).copy_(shifts[:, k]) for k in range(3)]
+    total, v, off, tmp = (torch.zeros(n, **kw), torch.empty(n, **kw), torch.empty(n, **kw), torch.empty(n, **kw))
+    for e in range(3):
+        if edge_batch is None:
+            c = [cell[..., k, e].reshape(()) for k in range(3)]
+        else:
+            c = [cell[:, k, e][edge_batch] for k in range(3)]
+        torch.mul(s[0], c[0], out=off)
+        off.add_(torch.mul(s[1], c[1], out=tmp))
+        off.add_(torch.mul(s[2], c[2], out=tmp))
+        p = pos[:, e].contiguous()
+        torch.index_select(p, 0, j, out=v)
+        v.sub_(torch.index_select(p, 0, i, out=tmp))
+        v.add_(off)
+        total.add_(v.mul_(v))
+    return total
 
 
 def _bin_layout(
@@ -88,7 +102,7 @@ def _bin_layout(
 
 def cell_list_pairs(
     pos: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, subdivisions: int = 2
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """All pairs (target i, source j, integer image S of j) with 1e-4 Å² < |pos[j] + S@cell - pos[i]|² <= cutoff².
 
     Args:
@@ -97,14 +111,16 @@ def cell_list_pairs(
         cutoff: radius in Å.
         subdivisions: bins per cutoff length (2: bins >= cutoff/2 wide, 125 neighbour bins, fewer candidates).
 
-    Returns i, j (E,) int64 global atom indices (i non-decreasing) and S (E, 3) int64, on the device of ``pos``.
+    Returns i, j (E,) int64 global atom indices (i non-decreasing), S (E, 3) int64 and the squared distances d2
+    (E,) float64 (``pair_distances_sq``), on the device of ``pos``.
     Positions are wrapped into the cell only to assign bins; pair geometry is always recomputed from ``pos``.
     """
     device = pos.device
     num_atoms = pos.shape[0]
     empty = torch.zeros(0, dtype=torch.long, device=device)
+    nothing = empty, empty, torch.zeros((0, 3), dtype=torch.long, device=device), pos.new_zeros(0)
     if num_atoms == 0:
-        return empty, empty, torch.zeros((0, 3), dtype=torch.long, device=device)
+        return nothing
     cell_np = cell.detach().cpu().numpy().astype(np.float64)
     pbc_np = pbc.detach().cpu().numpy().astype(bool)
     n_struct = cell_np.shape[0]
@@ -134,7 +150,9 @@ def cell_list_pairs(
     n_t = torch.as_tensor(n_bins, device=device)
     base_t = torch.as_tensor(base, device=device)
     reach_t = torch.as_tensor(reach_bins, device=device)
-    coords = torch.floor((frac - torch.as_tensor(origin, device=device)[batch]) * torch.as_tensor(scale, device=device)[batch])
+    coords = torch.floor(
+        (frac - torch.as_tensor(origin, device=device)[batch]) * torch.as_tensor(scale, device=device)[batch]
+    )
     coords = torch.minimum(coords.long().clamp(min=0), n_t[batch] - 1)
     key = _bin_key(coords, n_t[batch], base_t[batch])
     order = torch.argsort(key)
@@ -145,7 +163,7 @@ def cell_list_pairs(
     disp = torch.cartesian_prod(*axes).reshape(-1, 3)  # (K, 3)
     n_disp = disp.shape[0]
     cutoff_sq = float(cutoff) ** 2
-    out_i, out_j, out_s = [], [], []
+    out: list[list[Tensor]] = [[], [], [], []]
     rows_per_chunk = max(1, _CHUNK_PAIRS // n_disp)
     for lo in range(0, num_atoms, rows_per_chunk):
         rows = torch.arange(lo, min(lo + rows_per_chunk, num_atoms), device=device)
@@ -161,10 +179,10 @@ def cell_list_pairs(
         start = torch.searchsorted(sorted_key, nkey.reshape(-1))
         stop = torch.searchsorted(sorted_key, nkey.reshape(-1), right=True)
         count = torch.where(valid.reshape(-1), stop - start, torch.zeros_like(start))
-        _expand_chunk(pos, cell, batch, wrap, order, rows, n_disp, image.reshape(-1, 3), start, count, cutoff_sq, out_i, out_j, out_s)
-    if not out_i:
-        return empty, empty, torch.zeros((0, 3), dtype=torch.long, device=device)
-    return torch.cat(out_i), torch.cat(out_j), torch.cat(out_s)
+        _expand_chunk(pos, cell, batch, wrap, order, rows, n_disp, image.reshape(-1, 3), start, count, cutoff_sq, out)
+    if not out[0]:
+        return nothing
+    return tuple(torch.cat(parts) for parts in out)
 
 
 def _bin_key(coords: Tensor, n_bins: Tensor, base: Tensor) -> Tensor:
@@ -184,9 +202,7 @@ def _expand_chunk(
     start: Tensor,
     count: Tensor,
     cutoff_sq: float,
-    out_i: list[Tensor],
-    out_j: list[Tensor],
-    out_s: list[Tensor],
+    out: list[list[Tensor]],
 ) -> None:
     """Expand (row, neighbour bin) queries into pairs, in slices of at most ``_CHUNK_PAIRS``, keep those in range."""
     device = pos.device
@@ -209,8 +225,9 @@ def _expand_chunk(
         j = order[start[r0 * n_disp : r1 * n_disp][q] + within]
         i = rows[r0 + torch.div(q, n_disp, rounding_mode="floor")]
         s = image[r0 * n_disp : r1 * n_disp][q] - wrap[j] + wrap[i]
-        d2 = pair_distances_sq(pos, cell[0] if single_cell else cell[batch[i]], i, j, s)
+        d2 = (
+            pair_distances_sq(pos, cell[0], i, j, s) if single_cell else pair_distances_sq(pos, cell, i, j, s, batch[i])
+        )
         keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= cutoff_sq)
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-        out_s.append(s[keep])
+        for parts, values in zip(out, (i, j, s, d2), strict=True):
+            parts.append(values[keep])

@@ -54,16 +54,27 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray, label: str = "structure") -> N
             raise ValueError(f"{label}: the periodic cell vectors are linearly dependent (degenerate cell)")
 
 
-def _vesin_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
-    """Raw vesin candidates (E, 5) int64 columns i, j, S (within cutoff + SEARCH_MARGIN; not yet filtered)."""
+def _vesin_pairs(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One structure with vesin: i, j (E,) int64, S (E, 3) int32, d2 (E,) float64 with 1e-4 < d2 <= cutoff²."""
     import vesin
 
-    if len(positions) == 0:
-        return np.zeros((0, 5), dtype=np.int64)
+    pos = np.ascontiguousarray(positions, dtype=np.float64)
+    if len(pos) == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros((0, 3), dtype=torch.int32), torch.zeros(0, dtype=torch.float64)
     box = complete_cell(cell, pbc) if pbc.any() else np.zeros((3, 3))
     nl = vesin.NeighborList(cutoff=float(cutoff) + SEARCH_MARGIN, full_list=True)
-    i, j, shifts = nl.compute(np.ascontiguousarray(positions, dtype=np.float64), box, [bool(p) for p in pbc], "ijS")
-    return np.concatenate([i[:, None], j[:, None], shifts.reshape(-1, 3)], axis=1).astype(np.int64)
+    i, j, shifts = nl.compute(pos, box, [bool(p) for p in pbc], "ijS", copy=False)
+    i = torch.from_numpy(i.astype(np.int64))
+    j = torch.from_numpy(j.astype(np.int64))
+    shifts = torch.from_numpy(np.array(shifts, dtype=np.int32).reshape(-1, 3))
+    d2 = pair_distances_sq(torch.from_numpy(pos), torch.from_numpy(np.asarray(cell, dtype=np.float64)), i, j, shifts)
+    keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
+    if bool(keep.all()):
+        return i, j, shifts, d2
+    return i[keep], j[keep], shifts[keep], d2[keep]
 
 
 def candidate_pairs(
@@ -74,14 +85,8 @@ def candidate_pairs(
     vesin cell list (O(N), any cell shape, cells smaller than the cutoff, atoms outside the cell).
     Returns numpy arrays i (E,), j (E,), S (E, 3) int64 and the float64 distances d (E,), in vesin's order.
     """
-    pos = np.asarray(positions, dtype=np.float64)
-    cell = np.asarray(cell, dtype=np.float64)
-    pbc = np.asarray(pbc, dtype=bool)
-    raw = torch.from_numpy(_vesin_pairs(pos, cell, pbc, cutoff))
-    i, j, s = raw[:, 0], raw[:, 1], raw[:, 2:]
-    d2 = pair_distances_sq(torch.from_numpy(pos), torch.from_numpy(cell), i, j, s)
-    keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
-    return i[keep].numpy(), j[keep].numpy(), s[keep].numpy(), d2[keep].sqrt().numpy()
+    i, j, s, d2 = _vesin_pairs(positions, np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool), cutoff)
+    return i.numpy(), j.numpy(), s.long().numpy(), d2.sqrt().numpy()
 
 
 def _check_max_neighbors(max_neighbors: int | None) -> None:
@@ -145,16 +150,56 @@ def _as_list(atoms_or_list: Atoms | Sequence[Atoms]) -> list[Atoms]:
     return out
 
 
-def _canonical_order(i: Tensor, d2: Tensor, j: Tensor, shifts: Tensor) -> Tensor:
-    """Permutation sorting edges by target, then squared distance, then source and shift (backend-independent)."""
-    if i.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=i.device)
+def _tie_key(j: Tensor, shifts: Tensor) -> Tensor:
+    """Integer key ordering edges by source index, then shift (x, y, z)."""
+    shifts = shifts.long()
     lo = shifts.amin(0)
     span = shifts.amax(0) - lo + 1
-    tie = ((j * span[0] + (shifts[:, 0] - lo[0])) * span[1] + (shifts[:, 1] - lo[1])) * span[2] + (shifts[:, 2] - lo[2])
-    order = torch.argsort(tie)
-    order = order[torch.argsort(d2[order], stable=True)]
-    return order[torch.argsort(i[order], stable=True)]
+    key = j * span[0] + (shifts[:, 0] - lo[0])
+    key = key * span[1] + (shifts[:, 1] - lo[1])
+    return key * span[2] + (shifts[:, 2] - lo[2])
+
+
+def _lexsort(keys: Sequence[Tensor]) -> Tensor:
+    """Permutation sorting by ``keys[0]``, then ``keys[1]``, ... (stable argsorts, least significant first)."""
+    order = torch.argsort(keys[-1], stable=True)
+    for key in reversed(keys[:-1]):
+        order = order[torch.argsort(key[order], stable=True)]
+    return order
+
+
+def _sort_edges(i: Tensor, d2: Tensor, j: Tensor, shifts: Tensor, num_nodes: int) -> Tensor:
+    """Permutation sorting edges by target, then squared distance, then source and shift (backend-independent).
+
+    Rows of a padded (targets x max degree) table are sorted at once (cheaper than a global sort by distance);
+    rows with exactly equal distances are then put in (source, shift) order, so exact ties do not depend on the
+    candidate order of the backend.
+    """
+    n_edges = i.numel()
+    if n_edges == 0:
+        return torch.zeros(0, dtype=torch.long, device=i.device)
+    if bool((i[1:] >= i[:-1]).all()):
+        by_target, t = torch.arange(n_edges, device=i.device), i
+    else:
+        by_target = torch.argsort(i, stable=True)
+        t = i[by_target]
+    counts = torch.bincount(t, minlength=num_nodes)
+    width = int(counts.max())
+    if num_nodes * width > 4 * n_edges + 1024:  # very uneven degrees: a padded table would waste memory
+        return _lexsort([i, d2, _tie_key(j, shifts)])
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n_edges, device=i.device) - starts[t]
+    table = torch.full((num_nodes, width), float("inf"), dtype=d2.dtype, device=d2.device)
+    table[t, rank] = d2[by_target]
+    values, column = torch.sort(table, dim=1, stable=True)
+    filled = torch.arange(width, device=i.device)[None, :] < counts[:, None]
+    order = by_target[(starts[:, None] + column)[filled]]
+    tied_rows = ((values[:, 1:] == values[:, :-1]) & filled[:, 1:]).any(1)
+    if bool(tied_rows.any()):
+        slots = torch.nonzero(tied_rows[i[order]]).squeeze(1)  # positions (row blocks, in target order) to redo
+        sub = order[slots]
+        order[slots] = sub[_lexsort([i[sub], d2[sub], _tie_key(j[sub], shifts[sub])])]
+    return order
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -218,26 +263,22 @@ def radius_graph(
     pbc_t = torch.from_numpy(np.stack(pbc_l)).to(device)
 
     if backend == "torch":
-        i, j, shifts = cell_list_pairs(pos64, cell64, pbc_t, batch, float(cutoff))
-        d2 = pair_distances_sq(pos64, cell64[0] if len(structures) == 1 else cell64[batch[i]], i, j, shifts)
+        i, j, shifts, d2 = cell_list_pairs(pos64, cell64, pbc_t, batch, float(cutoff))
     else:
         parts, offset = [], 0
         for pos, cell, pbc in zip(pos_l, cell_l, pbc_l, strict=True):
-            raw = torch.from_numpy(_vesin_pairs(pos, cell, pbc, cutoff))
-            raw[:, :2] += offset
-            parts.append(raw)
+            pi, pj, ps, pd2 = _vesin_pairs(pos, cell, pbc, cutoff)
+            parts.append((pi + offset, pj + offset, ps, pd2))
             offset += len(pos)
-        raw = torch.cat(parts).to(device)
-        i, j, shifts = raw[:, 0], raw[:, 1], raw[:, 2:]
-        d2 = pair_distances_sq(pos64, cell64[0] if len(structures) == 1 else cell64[batch[i]], i, j, shifts)
-        keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
-        i, j, shifts, d2 = i[keep], j[keep], shifts[keep], d2[keep]
+        i, j, shifts, d2 = (torch.cat(p).to(device) for p in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
+        i, j, shifts, d2 = i.to(device), j.to(device), shifts.to(device), d2.to(device)
 
-    order = _canonical_order(i, d2, j, shifts)
+    order = _sort_edges(i, d2, j, shifts, pos64.shape[0])
     i, j, shifts, d2 = i[order], j[order], shifts[order], d2[order]
     if max_neighbors is not None:
         keep = _select_sorted(i, d2, pos64.shape[0], int(max_neighbors), strict, NONSTRICT_TOLERANCE)
-        i, j, shifts = i[keep], j[keep], shifts[keep]
+        if not bool(keep.all()):
+            i, j, shifts = i[keep], j[keep], shifts[keep]
     return AtomGraph(
         pos=pos64.to(dtype),
         numbers=torch.tensor(np.concatenate([a.numbers for a in structures]), dtype=torch.long, device=device),
@@ -247,6 +288,6 @@ def radius_graph(
         natoms=natoms.to(device),
         tags=torch.tensor(np.concatenate([a.get_tags() for a in structures]), dtype=torch.long, device=device),
         edge_index=torch.stack([j, i]),
-        cell_offsets=shifts.contiguous(),
+        cell_offsets=shifts.long(),
         cutoff=float(cutoff),
     )
