@@ -37,20 +37,56 @@ class CheckpointData:
     source_format: str = "fairchem"
 
 
+#: globals a weights_only load may additionally resolve: numpy scalars/arrays/dtypes (released checkpoints keep
+#: metrics as numpy floats). Rebuilding these runs no user code.
+_NUMPY_GLOBAL_PREFIXES = ("numpy.dtype", "numpy.dtypes.", "numpy.ndarray")
+_NUMPY_GLOBAL_NAMES = {
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+}
+
+
+def _is_numpy_data_global(name: str) -> bool:
+    return name in _NUMPY_GLOBAL_NAMES or name.startswith(_NUMPY_GLOBAL_PREFIXES)
+
+
+def _resolve_global(name: str) -> Any:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
 def _torch_load(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True; numpy scalars/arrays are allowed, any other pickled object is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it contains pickled Python objects beyond tensors and plain containers, "
-            "and mlcalc loads checkpoints with weights_only=True so that opening a file can never execute code "
-            f"({str(err).splitlines()[0]})"
-        ) from None
+        first_error = str(err).splitlines()[0]
     except RuntimeError as err:
         raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - any failure here means we cannot vouch for the file
+        names = []
+    unsafe = [n for n in names if not _is_numpy_data_global(n)]
+    if names and not unsafe:
+        import numpy as np
+
+        allowed = [_resolve_global(n) for n in names]
+        allowed += [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(
+        f"refusing to load {path}: it contains pickled Python objects beyond tensors, numpy data and plain "
+        f"containers ({', '.join(unsafe) or first_error}); mlcalc loads checkpoints with weights_only=True so "
+        "that opening a file can never execute code"
+    )
 
 
 def _strip_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

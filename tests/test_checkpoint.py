@@ -86,3 +86,11 @@ def test_mlcalc_format_round_trips_exactly(tmp_path):
     e1 = MLCalculator(model, device="cpu", dtype="float64").get_potential_energy(atoms)
     e2 = MLCalculator(tmp_path / "lj.pt", device="cpu", dtype="float64").get_potential_energy(atoms)
     assert e1 == e2
+
+
+def test_numpy_metrics_in_a_fairchem_file_are_accepted(tmp_path):
+    raw = torch.load(DATA / "scn_small.pt", weights_only=True)
+    raw["val_metrics"] = {"energy_mae": np.float64(0.25), "hist": np.arange(3.0)}
+    torch.save(raw, tmp_path / "np.pt")
+    ck = read_checkpoint(tmp_path / "np.pt")
+    assert ck.model_name == "scn" and ck.normalizers["forces"] == (0.0, 10000.0)
