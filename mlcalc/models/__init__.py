@@ -1,7 +1,8 @@
 """Model room: model classes and the name -> class registry."""
 
 from mlcalc.models.base import MODEL_REGISTRY, MLModel, get_model_class, register_model
+from mlcalc.models.escn import ESCN
 from mlcalc.models.lennard_jones import LennardJones
 from mlcalc.models.scn import SCN
 
-__all__ = ["MODEL_REGISTRY", "LennardJones", "MLModel", "SCN", "get_model_class", "register_model"]
+__all__ = ["ESCN", "MODEL_REGISTRY", "LennardJones", "MLModel", "SCN", "get_model_class", "register_model"]

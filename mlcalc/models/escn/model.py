@@ -1,0 +1,213 @@
+"""eSCN (Passaro & Zitnick 2023, "Reducing SO(3) convolutions to SO(2)"), fairchem-core 1.10 compatible.
+
+Direct forces (no stress). Energies are raw model outputs (fairchem's x0.001 included); the calculator
+denormalises them. Edge frames use mlcalc's constant auxiliary vector (``mlcalc.nn.wigner.edge_rot_mat``),
+so results are deterministic and independent of the global torch RNG.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mlcalc.graph import AtomGraph
+from mlcalc.models.base import MLModel, register_model
+from mlcalc.models.escn.interaction import EdgeFrames, LayerBlock
+from mlcalc.models.escn.layers import DISTANCE_EXPANSIONS, EnergyBlock, ForceBlock
+from mlcalc.models.escn.layout import ESCNLayout
+from mlcalc.nn.scatter import scatter_sum
+from mlcalc.nn.so3 import spherical_harmonics
+from mlcalc.nn.wigner import edge_rot_mat, rotation_to_wigner
+
+
+def sphere_points(num_points: int) -> Tensor:
+    """fairchem's ``CalcSpherePoints`` (float32, same operations): golden-spiral points on the unit sphere scaled by
+    an inverse local density, (P, 3). Their mean is not exactly zero (~4e-5 for P = 128)."""
+    golden = (1 + 5**0.5) / 2
+    i = torch.arange(num_points).view(-1, 1)
+    theta = 2 * math.pi * i.float() / golden
+    phi = torch.arccos(1 - 2 * (i.float() + 0.5) / num_points)
+    points = torch.cat([theta.cos() * phi.sin(), theta.sin() * phi.sin(), phi.cos()], dim=1)
+    dist2 = torch.sum((points.view(1, -1, 3) - points.view(-1, 1, 3)) ** 2, dim=2)
+    scalar = 1.0 / torch.sum(torch.exp(-dist2 / (0.5 * 0.3)), dim=1)
+    scalar = num_points * scalar / torch.sum(scalar)
+    return points * scalar.view(-1, 1)
+
+
+@register_model("escn", "eSCN")
+class ESCN(MLModel):
+    """Equivariant Spherical Channel Network with fairchem's hyperparameter names.
+
+    Args:
+        max_neighbors, cutoff (Å): graph definition (strict k-nearest truncation, as fairchem).
+        max_num_elements: atomic numbers must be < this.
+        num_layers: message-passing layers.
+        lmax_list, mmax_list: max degree / order per resolution.
+        sphere_channels: channels per resolution; hidden_channels: SO(2) convolution width;
+        edge_channels: invariant edge feature size; num_sphere_samples: points of the output heads.
+        distance_function: "gaussian", "sigmoid", "linearsigmoid" or "silu"; basis_width_scalar,
+            distance_resolution (Å): distance basis (cutoff / distance_resolution functions).
+        regress_forces: must be True: forces come from the direct force head (the edge frames are detached, as in
+            fairchem, so -dE/dx of an energy-only eSCN would miss terms).
+        resolution: S² grid resolution override (None: fairchem's per-(lmax, mmax) default).
+        use_pbc, use_pbc_single, otf_graph, show_timing_info, activation_checkpoint: accepted, ignored.
+
+    forward(graph) -> {"energy": (B,), "forces": (N, 3)} raw (normalised) outputs in the dtype of graph.pos.
+    """
+
+    direct_forces = True
+    supports_stress = False
+
+    def __init__(
+        self,
+        use_pbc: bool = True,
+        use_pbc_single: bool = False,
+        regress_forces: bool = True,
+        otf_graph: bool = False,
+        max_neighbors: int = 40,
+        cutoff: float = 8.0,
+        max_num_elements: int = 90,
+        num_layers: int = 8,
+        lmax_list: list[int] | None = None,
+        mmax_list: list[int] | None = None,
+        sphere_channels: int = 128,
+        hidden_channels: int = 256,
+        edge_channels: int = 128,
+        num_sphere_samples: int = 128,
+        distance_function: str = "gaussian",
+        basis_width_scalar: float = 1.0,
+        distance_resolution: float = 0.02,
+        show_timing_info: bool = False,
+        resolution: int | None = None,
+        activation_checkpoint: bool | None = False,
+    ) -> None:
+        super().__init__()
+        lmax_list = [6] if lmax_list is None else [int(v) for v in lmax_list]
+        mmax_list = [2] if mmax_list is None else [int(v) for v in mmax_list]
+        self.capture_hparams(locals())
+        if len(lmax_list) != len(mmax_list) or not lmax_list:
+            raise ValueError(f"lmax_list {lmax_list} and mmax_list {mmax_list} must be non-empty and equally long")
+        if any(m < 0 or m > lmax for lmax, m in zip(lmax_list, mmax_list, strict=True)):
+            raise ValueError(f"need 0 <= mmax <= lmax per resolution, got lmax {lmax_list}, mmax {mmax_list}")
+        if distance_function not in DISTANCE_EXPANSIONS:
+            raise ValueError(
+                f"distance_function must be one of {sorted(DISTANCE_EXPANSIONS)}, got {distance_function!r}"
+            )
+        if cutoff <= 0 or num_layers < 1 or max_num_elements < 1:
+            raise ValueError(
+                "need cutoff > 0, num_layers >= 1, max_num_elements >= 1; "
+                f"got {cutoff}, {num_layers}, {max_num_elements}"
+            )
+
+        self.cutoff = float(cutoff)
+        self.max_neighbors = int(max_neighbors)
+        self.strict_max_neighbors = True
+        if not regress_forces:
+            raise ValueError("eSCN: regress_forces=False is not supported (mlcalc's eSCN predicts forces directly)")
+        self.regress_forces = True
+        self.max_num_elements = int(max_num_elements)
+        self.max_elements = self.max_num_elements - 1
+        self.num_layers = int(num_layers)
+        self.lmax_list, self.mmax_list = lmax_list, mmax_list
+        self.num_resolutions = len(lmax_list)
+        self.sphere_channels = int(sphere_channels)
+        self.sphere_channels_all = self.num_resolutions * self.sphere_channels
+        self.num_sphere_samples = int(num_sphere_samples)
+        self.resolution = resolution
+        self.act = nn.SiLU()
+
+        self.sphere_embedding = nn.Embedding(self.max_num_elements, self.sphere_channels_all)
+        num_basis = int(cutoff / distance_resolution)
+        self.distance_expansion = DISTANCE_EXPANSIONS[distance_function](0.0, cutoff, num_basis, basis_width_scalar)
+        self.layer_blocks = nn.ModuleList(
+            LayerBlock(
+                i,
+                self.sphere_channels,
+                hidden_channels,
+                edge_channels,
+                lmax_list,
+                mmax_list,
+                self.distance_expansion,
+                self.max_num_elements,
+                self.act,
+            )
+            for i in range(self.num_layers)
+        )
+        self.energy_block = EnergyBlock(self.sphere_channels_all, self.num_sphere_samples, self.act)
+        self.force_block = ForceBlock(self.sphere_channels_all, self.num_sphere_samples, self.act)
+
+        # fairchem stores these (fixed) values as parameters, so they are part of its state_dict
+        points = sphere_points(self.num_sphere_samples)
+        self.sphere_points = nn.Parameter(points, requires_grad=False)
+        self.sphharm_weights = nn.ParameterList(
+            nn.Parameter(spherical_harmonics(lmax, points.double(), normalize=False).float(), requires_grad=False)
+            for lmax in lmax_list
+        )
+        self._layouts: dict[tuple[torch.device, torch.dtype], ESCNLayout] = {}
+
+    def layout(self, device: torch.device, dtype: torch.dtype) -> ESCNLayout:
+        """Position-independent index maps and grid matrices, built once per (device, dtype)."""
+        key = (torch.device(device), dtype)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = ESCNLayout.build(self.lmax_list, self.mmax_list, self.resolution, dtype, key[0])
+            self._layouts[key] = layout
+        return layout
+
+    def edge_frames(self, edge_vec: Tensor, layout: ESCNLayout) -> EdgeFrames:
+        """Wigner-D matrices of the edge frames per resolution (detached, as fairchem)."""
+        wigner = rotation_to_wigner(edge_rot_mat(edge_vec), max(self.lmax_list))
+        rotate, rotate_inv = [], []
+        for size, idx in zip(layout.num_coefficients, layout.reduced_index, strict=True):
+            w = wigner[:, idx, :size]
+            rotate.append(w.contiguous())
+            rotate_inv.append(w.transpose(1, 2).contiguous())
+        return EdgeFrames(rotate, rotate_inv)
+
+    def _check_input(self, graph: AtomGraph) -> None:
+        numbers = graph.numbers
+        if numbers.numel() and (int(numbers.min()) < 0 or int(numbers.max()) >= self.max_num_elements):
+            raise ValueError(
+                f"eSCN accepts atomic numbers 0..{self.max_num_elements - 1}; "
+                f"got {int(numbers.min())}..{int(numbers.max())}"
+            )
+
+    def forward(self, graph: AtomGraph) -> dict[str, Tensor]:
+        """Raw energy (B,) and direct forces (N, 3) in the dtype of ``graph.pos``."""
+        self._check_input(graph)
+        pos = graph.pos
+        dtype, device = pos.dtype, pos.device
+        layout = self.layout(device, dtype)
+        numbers = graph.numbers.long()
+        edge_index = graph.edge_index
+        edge_vec = graph.edge_vectors()
+        edge_distance = torch.linalg.vector_norm(edge_vec, dim=-1)
+        frames = self.edge_frames(edge_vec, layout)
+
+        # l = 0 coefficient of every resolution from the atomic-number embedding
+        num_atoms = pos.shape[0]
+        emb = self.sphere_embedding(numbers).to(dtype).view(num_atoms, self.num_resolutions, self.sphere_channels)
+        parts = []
+        for i, size in enumerate(layout.num_coefficients):
+            part = emb.new_zeros((num_atoms, size, self.sphere_channels))
+            part[:, 0] = emb[:, i]
+            parts.append(part)
+        x = torch.cat(parts, dim=1)
+
+        for i, block in enumerate(self.layer_blocks):
+            update = block(x, numbers, edge_distance, edge_index, frames, layout)
+            x = update if i == 0 else x + update
+
+        # channel values at the sphere points: (N, P, R*C) -> (N*P, R*C)
+        parts = torch.split(x, layout.num_coefficients, dim=1)
+        x_pt = torch.cat(
+            [torch.einsum("abc,pb->apc", p, w.to(dtype)) for p, w in zip(parts, self.sphharm_weights, strict=True)],
+            dim=2,
+        ).reshape(-1, self.sphere_channels_all)
+
+        node_energy = self.energy_block(x_pt).view(-1)
+        energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) * 0.001
+        forces = self.force_block(x_pt, self.sphere_points.to(dtype))
+        return {"energy": energy, "forces": forces}
