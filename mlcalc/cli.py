@@ -57,7 +57,9 @@ def cmd_md(args: argparse.Namespace) -> int:
     atoms.calc = _calculator(args)
     rng = np.random.default_rng(args.seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
-    dyn = Langevin(atoms, args.timestep * units.fs, temperature_K=args.temperature, friction=0.01, rng=rng, fixcm=False)
+    dyn = Langevin(
+        atoms, args.timestep * units.fs, temperature_K=args.temperature, friction=0.01, rng=rng, fixcm=False
+    )
     for k in range(0, args.steps, args.every):
         dyn.run(min(args.every, args.steps - k))
         epot, temp = atoms.get_potential_energy(), atoms.get_temperature()

@@ -150,7 +150,8 @@ def test_cell_relaxation_uses_stress():
 def test_langevin_md_runs_and_matches_oracle_along_the_trajectory():
     atoms = bulk("Ar", "fcc", a=5.26, cubic=True) * (2, 2, 2)
     atoms.calc = MLCalculator(LennardJones(sigma=3.4, epsilon=0.0104, rc=8.0), device="cpu", dtype="float64")
-    dyn = Langevin(atoms, timestep=5.0 * units.fs, temperature_K=80, friction=0.02, rng=np.random.default_rng(0), fixcm=False)
+    rng = np.random.default_rng(0)
+    dyn = Langevin(atoms, timestep=5.0 * units.fs, temperature_K=80, friction=0.02, rng=rng, fixcm=False)
     dyn.run(100)
     check = atoms.copy()
     check.calc = AseLJ(sigma=3.4, epsilon=0.0104, rc=8.0, smooth=True)

@@ -90,7 +90,8 @@ def _bin_layout(
                 w = h / n
                 scale[b, ax] = n
             else:
-                extent = max(frac_max[b, ax] - frac_min[b, ax], 0.0) * h
+                span = frac_max[b, ax] - frac_min[b, ax] if frac_max[b, ax] >= frac_min[b, ax] else 0.0  # no atoms
+                extent = span * h
                 w = max(width, extent / (_MAX_BINS_PER_AXIS - 1))
                 n = int(math.floor(extent / w)) + 1
                 origin[b, ax] = frac_min[b, ax]

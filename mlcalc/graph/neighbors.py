@@ -168,35 +168,24 @@ def _lexsort(keys: Sequence[Tensor]) -> Tensor:
     return order
 
 
-def _sort_edges(i: Tensor, d2: Tensor, j: Tensor, shifts: Tensor, num_nodes: int) -> Tensor:
+def _sort_edges(i: Tensor, d2: Tensor, j: Tensor, shifts: Tensor) -> Tensor:
     """Permutation sorting edges by target, then squared distance, then source and shift (backend-independent).
 
-    Rows of a padded (targets x max degree) table are sorted at once (cheaper than a global sort by distance);
-    rows with exactly equal distances are then put in (source, shift) order, so exact ties do not depend on the
-    candidate order of the backend.
+    One integer sort on (target, float32 bits of d²) (non-negative floats order like their bit patterns, and
+    rounding to float32 never inverts an order), then runs of equal keys - near or exact distance ties - are
+    re-sorted exactly by (d², source, shift), so ties do not depend on the candidate order of the backend.
     """
-    n_edges = i.numel()
-    if n_edges == 0:
+    if i.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=i.device)
-    if bool((i[1:] >= i[:-1]).all()):
-        by_target, t = torch.arange(n_edges, device=i.device), i
-    else:
-        by_target = torch.argsort(i, stable=True)
-        t = i[by_target]
-    counts = torch.bincount(t, minlength=num_nodes)
-    width = int(counts.max())
-    if num_nodes * width > 4 * n_edges + 1024:  # very uneven degrees: a padded table would waste memory
-        return _lexsort([i, d2, _tie_key(j, shifts)])
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n_edges, device=i.device) - starts[t]
-    table = torch.full((num_nodes, width), float("inf"), dtype=d2.dtype, device=d2.device)
-    table[t, rank] = d2[by_target]
-    values, column = torch.sort(table, dim=1, stable=True)
-    filled = torch.arange(width, device=i.device)[None, :] < counts[:, None]
-    order = by_target[(starts[:, None] + column)[filled]]
-    tied_rows = ((values[:, 1:] == values[:, :-1]) & filled[:, 1:]).any(1)
-    if bool(tied_rows.any()):
-        slots = torch.nonzero(tied_rows[i[order]]).squeeze(1)  # positions (row blocks, in target order) to redo
+    key = (i << 31) | d2.float().view(torch.int32).long()
+    order = torch.argsort(key)
+    key = key[order]
+    same = key[1:] == key[:-1]
+    if bool(same.any()):
+        in_run = torch.zeros(key.numel(), dtype=torch.bool, device=key.device)
+        in_run[1:] |= same
+        in_run[:-1] |= same
+        slots = torch.nonzero(in_run).squeeze(1)
         sub = order[slots]
         order[slots] = sub[_lexsort([i[sub], d2[sub], _tie_key(j[sub], shifts[sub])])]
     return order
@@ -270,10 +259,9 @@ def radius_graph(
             pi, pj, ps, pd2 = _vesin_pairs(pos, cell, pbc, cutoff)
             parts.append((pi + offset, pj + offset, ps, pd2))
             offset += len(pos)
-        i, j, shifts, d2 = (torch.cat(p).to(device) for p in zip(*parts, strict=True)) if len(parts) > 1 else parts[0]
-        i, j, shifts, d2 = i.to(device), j.to(device), shifts.to(device), d2.to(device)
+        i, j, shifts, d2 = (torch.cat(p).to(device) for p in zip(*parts, strict=True))
 
-    order = _sort_edges(i, d2, j, shifts, pos64.shape[0])
+    order = _sort_edges(i, d2, j, shifts)
     i, j, shifts, d2 = i[order], j[order], shifts[order], d2[order]
     if max_neighbors is not None:
         keep = _select_sorted(i, d2, pos64.shape[0], int(max_neighbors), strict, NONSTRICT_TOLERANCE)
