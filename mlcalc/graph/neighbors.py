@@ -259,7 +259,8 @@ def radius_graph(
             pi, pj, ps, pd2 = _vesin_pairs(pos, cell, pbc, cutoff)
             parts.append((pi + offset, pj + offset, ps, pd2))
             offset += len(pos)
-        i, j, shifts, d2 = (torch.cat(p).to(device) for p in zip(*parts, strict=True))
+        merged = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts, strict=True)]
+        i, j, shifts, d2 = (t.to(device) for t in merged)
 
     order = _sort_edges(i, d2, j, shifts)
     i, j, shifts, d2 = i[order], j[order], shifts[order], d2[order]
