@@ -18,6 +18,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mlcalc.checkpoint import load_model
 from mlcalc.graph import AtomGraph, check_cell, radius_graph
 from mlcalc.models.base import MLModel
+from mlcalc.structures import as_atoms
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ class MLCalculator(Calculator):
             self.results["stress"] = full_3x3_to_voigt_6_stress(s)
 
     def predict(self, structures: list[Atoms]) -> list[dict[str, Any]]:
-        """Evaluate several structures in one batched graph; returns per-structure dicts of float64 results."""
+        """Evaluate several structures (Atoms or pymatgen) in one batched graph; per-structure float64 results."""
+        structures = [as_atoms(s) for s in structures]
         for a in structures:
             self.check_atoms(a)
         graph = self.build_graph(list(structures))

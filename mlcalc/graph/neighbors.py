@@ -142,12 +142,15 @@ def select_neighbors(
 
 
 def _as_list(atoms_or_list: Atoms | Sequence[Atoms]) -> list[Atoms]:
-    if isinstance(atoms_or_list, Atoms):
-        return [atoms_or_list]
-    out = list(atoms_or_list)
-    if not all(isinstance(a, Atoms) for a in out):
-        raise TypeError("radius_graph expects an ase.Atoms or a sequence of ase.Atoms")
-    return out
+    """One structure or a sequence of them as a list of Atoms (pymatgen Structure/Molecule are converted)."""
+    from mlcalc.structures import as_atoms
+
+    if isinstance(atoms_or_list, Atoms) or type(atoms_or_list).__module__.startswith("pymatgen."):
+        return [as_atoms(atoms_or_list)]
+    try:
+        return [as_atoms(a) for a in atoms_or_list]
+    except TypeError:
+        raise TypeError("radius_graph expects an ase.Atoms, a pymatgen structure, or a sequence of them") from None
 
 
 def _tie_key(j: Tensor, shifts: Tensor) -> Tensor:
