@@ -1,4 +1,4 @@
-"""eSCN building blocks: distance expansions, edge embedding, SO(2) convolutions, output heads.
+"""eSCN building blocks: edge embedding, SO(2) convolutions, output heads.
 
 Module and parameter names follow fairchem's eSCN so that its state_dict loads unchanged.
 """
@@ -7,70 +7,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-
-class GaussianSmearing(nn.Module):
-    """Gaussians ``exp(coeff (d - offset_k)²)`` on ``num_gaussians`` centres in [start, stop] Å.
-
-    ``coeff = -0.5 / (basis_width_scalar * spacing)²``, spacing = (stop - start) / (num_gaussians - 1).
-    Input (E,) distances, output (E, num_gaussians).
-    """
-
-    def __init__(self, start: float, stop: float, num_gaussians: int, basis_width_scalar: float = 1.0) -> None:
-        super().__init__()
-        if num_gaussians < 2:
-            raise ValueError(f"need at least 2 distance basis functions, got {num_gaussians}")
-        self.num_output = num_gaussians
-        self.register_buffer("offset", torch.linspace(start, stop, num_gaussians, dtype=torch.float32))
-        spacing = (stop - start) / (num_gaussians - 1)
-        self.coeff = -0.5 / (basis_width_scalar * spacing) ** 2
-
-    def forward(self, dist: Tensor) -> Tensor:
-        diff = dist.view(-1, 1) - self.offset.view(1, -1)
-        return torch.exp(self.coeff * torch.pow(diff, 2))
-
-
-class SigmoidSmearing(nn.Module):
-    """Sigmoids ``σ(coeff (d - offset_k))`` (fairchem ``SigmoidSmearing``); (E,) -> (E, num_sigmoid)."""
-
-    def __init__(self, start: float, stop: float, num_sigmoid: int, basis_width_scalar: float = 1.0) -> None:
-        super().__init__()
-        self.num_output = num_sigmoid
-        self.register_buffer("offset", torch.linspace(start, stop, num_sigmoid, dtype=torch.float32))
-        self.coeff = basis_width_scalar / ((stop - start) / (num_sigmoid - 1))
-
-    def forward(self, dist: Tensor) -> Tensor:
-        return torch.sigmoid(self.coeff * (dist.view(-1, 1) - self.offset.view(1, -1)))
-
-
-class LinearSigmoidSmearing(SigmoidSmearing):
-    """Sigmoids plus a small linear term ``σ(u) + 0.001 u`` (fairchem ``LinearSigmoidSmearing``)."""
-
-    def forward(self, dist: Tensor) -> Tensor:
-        u = self.coeff * (dist.view(-1, 1) - self.offset.view(1, -1))
-        return torch.sigmoid(u) + 0.001 * u
-
-
-class SiLUSmearing(nn.Module):
-    """Learned ``SiLU(Linear([d, 1]))`` expansion (fairchem ``SiLUSmearing``); (E,) -> (E, num_output)."""
-
-    def __init__(self, start: float, stop: float, num_output: int, basis_width_scalar: float = 1.0) -> None:
-        super().__init__()
-        self.num_output = num_output
-        self.fc1 = nn.Linear(2, num_output)
-        self.act = nn.SiLU()
-
-    def forward(self, dist: Tensor) -> Tensor:
-        d = dist.view(-1, 1)
-        return self.act(self.fc1(torch.cat([d, torch.ones_like(d)], dim=1)))
-
-
-DISTANCE_EXPANSIONS = {
-    "gaussian": GaussianSmearing,
-    "sigmoid": SigmoidSmearing,
-    "linearsigmoid": LinearSigmoidSmearing,
-    "silu": SiLUSmearing,
-}
 
 
 class EdgeBlock(nn.Module):

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from mlcalc.graph import AtomGraph
 from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.escn.interaction import EdgeFrames, LayerBlock
-from mlcalc.models.escn.layers import DISTANCE_EXPANSIONS, EnergyBlock, ForceBlock
+from mlcalc.models.escn.layers import EnergyBlock, ForceBlock
 from mlcalc.models.escn.layout import ESCNLayout
 from mlcalc.nn.scatter import scatter_sum
+from mlcalc.nn.smearing import DISTANCE_EXPANSIONS
 from mlcalc.nn.so3 import spherical_harmonics
 from mlcalc.nn.wigner import edge_rot_mat, rotation_to_wigner
 

@@ -22,8 +22,8 @@ from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.scn import sphere
 from mlcalc.models.scn.frames import EdgeFrames, SphericalResolution
 from mlcalc.models.scn.layers import EdgeBlock
-from mlcalc.models.scn.smearing import DISTANCE_EXPANSIONS
 from mlcalc.nn.scatter import scatter_sum, segment_ranks
+from mlcalc.nn.smearing import DISTANCE_EXPANSIONS
 from mlcalc.nn.wigner import edge_rot_mat, rotation_to_euler
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""SCN's distance expansions (fairchem ``models/scn/smearing.py``): Gaussian, sigmoid, linear+sigmoid, SiLU.
+"""Distance expansions of eSCN and SCN (fairchem `GaussianSmearing` etc.): Gaussian, sigmoid, linear+sigmoid, SiLU.
 
 Each maps distances (E,) in Å to features (E, num_output). ``offset`` is a persistent buffer (it is in fairchem's
 state_dict); the width coefficient is a Python float computed in float64 from the same linspace.
