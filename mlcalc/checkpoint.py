@@ -89,7 +89,8 @@ def _torch_load(path: str | os.PathLike) -> Any:
     )
 
 
-def _strip_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keys with every leading ``module.`` (DataParallel / DDP wrappers) removed."""
     out = {}
     for key, value in state_dict.items():
         while key.startswith("module."):
@@ -177,7 +178,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
     return CheckpointData(
         model_name=str(name),
         hparams=hparams,
-        state_dict=_strip_prefix(ckpt["state_dict"]),
+        state_dict=strip_module_prefix(ckpt["state_dict"]),
         scale_dict=scale_dict,
         normalizers=_fairchem_normalizers(ckpt, config),
         metadata=metadata,
