@@ -1,0 +1,414 @@
+"""GemNet-OC (Gasteiger et al. 2022) in pure PyTorch, numerically equivalent to fairchem-core 1.10's ``gemnet_oc``.
+
+The calculator builds one graph (the largest: cutoff_aint / max_neighbors_aint when an atom interaction is on,
+else cutoff / max_neighbors); the model sub-selects the main, atom-edge and quadruplet graphs from it exactly as
+fairchem does, symmetrises the main graph, builds triplet/quadruplet indices and returns raw (normalised)
+outputs: energy (B,) and, with ``direct_forces``, forces (N, 3) in the dtype of the graph.
+
+Two properties inherited from fairchem (reproduced for parity): the main graph is symmetrised by keeping the
+edges with source index < target index, so when max_neighbors keeps an edge for only one of its two atoms the
+result depends on the atom order; and the quadruplet dihedral angle of collinear edges (exactly symmetric
+lattices) has an ill-defined gradient, so gradient forces there are meaningless (rattle such structures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mlcalc.graph import AtomGraph
+from mlcalc.models.base import MLModel, register_model
+from mlcalc.models.gemnet_oc import indices as ix
+from mlcalc.models.gemnet_oc.bases import CircularBasisLayer, RadialBasis, SphericalBasisLayer
+from mlcalc.models.gemnet_oc.interaction import InteractionBlock
+from mlcalc.models.gemnet_oc.layers import (
+    Aggregation,
+    AtomEmbedding,
+    BasisEmbedding,
+    Dense,
+    EdgeEmbedding,
+    ResidualLayer,
+    get_initializer,
+)
+from mlcalc.models.gemnet_oc.output import OutputBlock
+from mlcalc.models.gemnet_oc.scaling import apply_scale_dict, load_gemnet_state, read_scale_file
+from mlcalc.nn.scatter import scatter_mean, scatter_sum
+
+
+@dataclass
+class GemNetIndices:
+    """The graphs (``indices.Edges``) and interaction indices of one forward pass."""
+
+    main: ix.Edges
+    id_swap: Tensor
+    trip_e2e: ix.Triplets
+    a2a: ix.Edges | None = None
+    a2ee2a: ix.Edges | None = None
+    qint: ix.Edges | None = None
+    quad: ix.Quadruplets | None = None
+    trip_a2e: ix.Triplets | None = None
+    trip_e2a: ix.Triplets | None = None
+    a2ee2a_agg: Aggregation | None = None
+    a2a_agg: Aggregation | None = None
+
+
+def _dot_clamped(x: Tensor, y: Tensor) -> Tensor:
+    return torch.sum(x * y, dim=-1).clamp(min=-1, max=1)
+
+
+def _angle(a: Tensor, b: Tensor) -> Tensor:
+    """Angle (rad) between vectors a and b: atan2(max(|a x b|, 1e-9), a . b)."""
+    y = torch.linalg.vector_norm(torch.cross(a, b, dim=-1), dim=-1).clamp(min=1e-9)
+    return torch.atan2(y, torch.sum(a * b, dim=-1))
+
+
+def _isclose(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-8 + 1e-5 * abs(b)
+
+
+@register_model("gemnet_oc", "GemNetOC", "gemnet_oc_s2ef")
+class GemNetOC(MLModel):
+    """GemNet-OC with fairchem's hyperparameter names (see fairchem ``GemNetOC`` for their meaning).
+
+    Cutoffs in Å. ``qint_tags``: atom tags (0 bulk, 1 surface, 2 adsorbate) whose edges take part in
+    quadruplet interactions; with none such atom the quadruplet messages are zero. ``num_elements``: embedding
+    rows, atomic numbers 1..num_elements. Graph-construction options of fairchem (use_pbc, otf_graph, ...) are
+    accepted and ignored; ``scale_file`` is read if the file exists (.json/.pt), else the scale factors must come
+    from the checkpoint (state_dict entries or ``scale_dict``, see ``load_checkpoint_state``).
+    """
+
+    def __init__(
+        self,
+        num_spherical: int,
+        num_radial: int,
+        num_blocks: int,
+        emb_size_atom: int,
+        emb_size_edge: int,
+        emb_size_trip_in: int,
+        emb_size_trip_out: int,
+        emb_size_quad_in: int,
+        emb_size_quad_out: int,
+        emb_size_aint_in: int,
+        emb_size_aint_out: int,
+        emb_size_rbf: int,
+        emb_size_cbf: int,
+        emb_size_sbf: int,
+        num_before_skip: int,
+        num_after_skip: int,
+        num_concat: int,
+        num_atom: int,
+        num_output_afteratom: int,
+        num_atom_emb_layers: int = 0,
+        num_global_out_layers: int = 2,
+        regress_forces: bool = True,
+        direct_forces: bool = False,
+        use_pbc: bool = True,
+        use_pbc_single: bool = False,
+        scale_backprop_forces: bool = False,
+        cutoff: float = 6.0,
+        cutoff_qint: float | None = None,
+        cutoff_aeaint: float | None = None,
+        cutoff_aint: float | None = None,
+        max_neighbors: int = 50,
+        max_neighbors_qint: int | None = None,
+        max_neighbors_aeaint: int | None = None,
+        max_neighbors_aint: int | None = None,
+        enforce_max_neighbors_strictly: bool = True,
+        rbf: dict | None = None,
+        rbf_spherical: dict | None = None,
+        envelope: dict | None = None,
+        cbf: dict | None = None,
+        sbf: dict | None = None,
+        extensive: bool = True,
+        forces_coupled: bool = False,
+        output_init: str = "HeOrthogonal",
+        activation: str = "silu",
+        quad_interaction: bool = False,
+        atom_edge_interaction: bool = False,
+        edge_atom_interaction: bool = False,
+        atom_interaction: bool = False,
+        scale_basis: bool = False,
+        qint_tags: list[int] | None = None,
+        num_elements: int = 83,
+        otf_graph: bool = False,
+        scale_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.capture_hparams(locals())
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        rbf = rbf or {"name": "gaussian"}
+        rbf_spherical = rbf_spherical or rbf
+        envelope = envelope or {"name": "polynomial", "exponent": 5}
+        cbf = cbf or {"name": "spherical_harmonics"}
+        sbf = sbf or {"name": "spherical_harmonics"}
+        self.num_blocks = num_blocks
+        self.extensive = extensive
+        self.activation = activation
+        self.use_quad = quad_interaction
+        self.use_a2e = atom_edge_interaction
+        self.use_e2a = edge_atom_interaction
+        self.use_a2a = atom_interaction
+        self.direct_forces = direct_forces
+        self.forces_coupled = forces_coupled
+        self.max_elements = num_elements
+        self.supports_stress = not direct_forces
+        self.register_buffer("qint_tags", torch.tensor([0, 1, 2] if qint_tags is None else list(qint_tags)), False)
+        self.uses_a2a_graph = atom_edge_interaction or edge_atom_interaction or atom_interaction
+        self._set_cutoffs(cutoff, cutoff_qint, cutoff_aeaint, cutoff_aint)
+        self._set_max_neighbors(max_neighbors, max_neighbors_qint, max_neighbors_aeaint, max_neighbors_aint)
+        self.strict_max_neighbors = enforce_max_neighbors_strictly
+        # the one graph the calculator builds
+        self.cutoff = self.cutoff_aint if self.uses_a2a_graph else self.cutoff_main
+        self.max_neighbors = self.max_neighbors_aint if self.uses_a2a_graph else self.max_neighbors_main
+
+        self._init_bases(num_radial, num_spherical, rbf, rbf_spherical, envelope, cbf, sbf, scale_basis)
+        self._init_shared_basis_layers(num_radial, num_spherical, emb_size_rbf, emb_size_cbf, emb_size_sbf)
+        self.atom_emb = AtomEmbedding(emb_size_atom, num_elements)
+        self.edge_emb = EdgeEmbedding(emb_size_atom, num_radial, emb_size_edge, activation=activation)
+        self.int_blocks = nn.ModuleList(
+            InteractionBlock(
+                emb_size_atom, emb_size_edge, emb_size_trip_in, emb_size_trip_out, emb_size_quad_in,
+                emb_size_quad_out, emb_size_aint_in, emb_size_aint_out, emb_size_rbf, emb_size_cbf, emb_size_sbf,
+                num_before_skip, num_after_skip, num_concat, num_atom, num_atom_emb_layers,
+                quad_interaction, atom_edge_interaction, edge_atom_interaction, atom_interaction, activation,
+            )
+            for _ in range(num_blocks)
+        )  # fmt: skip
+        self.out_blocks = nn.ModuleList(
+            OutputBlock(emb_size_atom, emb_size_edge, emb_size_rbf, num_atom, num_output_afteratom, activation,
+                        direct_forces)
+            for _ in range(num_blocks + 1)
+        )  # fmt: skip
+        self.out_mlp_E = nn.Sequential(
+            Dense(emb_size_atom * (num_blocks + 1), emb_size_atom, activation=activation),
+            *[ResidualLayer(emb_size_atom, activation=activation) for _ in range(num_global_out_layers)],
+        )
+        self.out_energy = Dense(emb_size_atom, 1, bias=False, activation=None)
+        if direct_forces:
+            self.out_mlp_F = nn.Sequential(
+                Dense(emb_size_edge * (num_blocks + 1), emb_size_edge, activation=activation),
+                *[ResidualLayer(emb_size_edge, activation=activation) for _ in range(num_global_out_layers)],
+            )
+            self.out_forces = Dense(emb_size_edge, 1, bias=False, activation=None)
+        init = get_initializer(output_init)
+        self.out_energy.reset_parameters(init)
+        if direct_forces:
+            self.out_forces.reset_parameters(init)
+
+        self.scale_file = scale_file
+        values = read_scale_file(scale_file)
+        if values is not None:
+            apply_scale_dict(self, values)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _set_cutoffs(self, cutoff, cutoff_qint, cutoff_aeaint, cutoff_aint) -> None:
+        self.cutoff_main = float(cutoff)
+        use_ae = self.use_a2e or self.use_e2a
+        self.cutoff_aeaint = float(cutoff_aeaint) if use_ae and cutoff_aeaint is not None else self.cutoff_main
+        self.cutoff_qint = float(cutoff_qint) if self.use_quad and cutoff_qint is not None else self.cutoff_main
+        if self.use_a2a and cutoff_aint is not None:
+            self.cutoff_aint = float(cutoff_aint)
+        else:
+            self.cutoff_aint = max(self.cutoff_main, self.cutoff_aeaint, self.cutoff_qint)
+        if max(self.cutoff_main, self.cutoff_aeaint, self.cutoff_qint) > self.cutoff_aint:
+            raise ValueError("cutoff, cutoff_aeaint and cutoff_qint must not exceed cutoff_aint")
+        if self.use_quad and not self.uses_a2a_graph and self.cutoff_qint > self.cutoff_main:
+            raise ValueError("cutoff_qint must not exceed cutoff when no atom interaction is used")
+
+    def _set_max_neighbors(self, max_neighbors, max_neighbors_qint, max_neighbors_aeaint, max_neighbors_aint) -> None:
+        self.max_neighbors_main = int(max_neighbors)
+        use_ae = self.use_a2e or self.use_e2a
+        self.max_neighbors_aeaint = (
+            int(max_neighbors_aeaint) if use_ae and max_neighbors_aeaint is not None else self.max_neighbors_main
+        )
+        self.max_neighbors_qint = (
+            int(max_neighbors_qint) if self.use_quad and max_neighbors_qint is not None else self.max_neighbors_main
+        )
+        if self.use_a2a and max_neighbors_aint is not None:
+            self.max_neighbors_aint = int(max_neighbors_aint)
+        else:
+            self.max_neighbors_aint = max(self.max_neighbors_main, self.max_neighbors_aeaint, self.max_neighbors_qint)
+        if max(self.max_neighbors_main, self.max_neighbors_aeaint, self.max_neighbors_qint) > self.max_neighbors_aint:
+            raise ValueError(
+                "max_neighbors, max_neighbors_aeaint and max_neighbors_qint must not exceed max_neighbors_aint"
+            )
+        if self.use_quad and not self.uses_a2a_graph and self.max_neighbors_qint > self.max_neighbors_main:
+            raise ValueError("max_neighbors_qint must not exceed max_neighbors when no atom interaction is used")
+
+    def _init_bases(self, num_radial, num_spherical, rbf, rbf_spherical, envelope, cbf, sbf, scale_basis) -> None:
+        # module registration order (and sharing) as in fairchem, so state_dict keys and scale paths agree
+        def radial(cut: float, kind: dict) -> RadialBasis:
+            return RadialBasis(num_radial, cut, rbf=kind, envelope=envelope, scale_basis=scale_basis)
+
+        self.radial_basis = radial(self.cutoff_main, rbf)
+        radial_spherical = radial(self.cutoff_main, rbf_spherical)
+        if self.use_quad:
+            self.cbf_basis_qint = CircularBasisLayer(
+                num_spherical, radial(self.cutoff_qint, rbf_spherical), cbf, scale_basis
+            )
+            self.sbf_basis_qint = SphericalBasisLayer(num_spherical, radial_spherical, sbf, scale_basis)
+        if self.use_a2e:
+            self.radial_basis_aeaint = radial(self.cutoff_aeaint, rbf)
+            self.cbf_basis_aeint = CircularBasisLayer(num_spherical, radial_spherical, cbf, scale_basis)
+        if self.use_e2a:
+            self.radial_basis_aeaint = radial(self.cutoff_aeaint, rbf)
+            self.cbf_basis_eaint = CircularBasisLayer(
+                num_spherical, radial(self.cutoff_aeaint, rbf_spherical), cbf, scale_basis
+            )
+        if self.use_a2a:
+            self.radial_basis_aint = radial(self.cutoff_aint, rbf)
+        self.cbf_basis_tint = CircularBasisLayer(num_spherical, radial_spherical, cbf, scale_basis)
+
+    def _init_shared_basis_layers(self, num_radial, num_spherical, emb_rbf, emb_cbf, emb_sbf) -> None:
+        if self.use_quad:
+            self.mlp_rbf_qint = Dense(num_radial, emb_rbf, activation=None)
+            self.mlp_cbf_qint = BasisEmbedding(num_radial, emb_cbf, num_spherical)
+            self.mlp_sbf_qint = BasisEmbedding(num_radial, emb_sbf, num_spherical**2)
+        if self.use_a2e:
+            self.mlp_rbf_aeint = Dense(num_radial, emb_rbf, activation=None)
+            self.mlp_cbf_aeint = BasisEmbedding(num_radial, emb_cbf, num_spherical)
+        if self.use_e2a:
+            self.mlp_rbf_eaint = Dense(num_radial, emb_rbf, activation=None)
+            self.mlp_cbf_eaint = BasisEmbedding(num_radial, emb_cbf, num_spherical)
+        if self.use_a2a:
+            self.mlp_rbf_aint = BasisEmbedding(num_radial, emb_rbf)
+        self.mlp_rbf_tint = Dense(num_radial, emb_rbf, activation=None)
+        self.mlp_cbf_tint = BasisEmbedding(num_radial, emb_cbf, num_spherical)
+        self.mlp_rbf_h = Dense(num_radial, emb_rbf, activation=None)
+        self.mlp_rbf_out = Dense(num_radial, emb_rbf, activation=None)
+
+    # ------------------------------------------------------------------------------------------ graphs
+    def build_indices(self, graph: AtomGraph) -> GemNetIndices:
+        """Sub-select the model's graphs from ``graph`` and build all interaction indices."""
+        n = graph.num_atoms
+        if graph.cutoff and graph.cutoff < self.cutoff - 1e-8:
+            raise ValueError(f"the graph was built with cutoff {graph.cutoff} Å < the model's {self.cutoff} Å")
+        full = ix.Edges.from_vectors(graph.edge_index[0], graph.edge_index[1], graph.cell_offsets, graph.edge_vectors())
+        if graph.cutoff and not _isclose(graph.cutoff, self.cutoff):
+            full = full.select(full.dist <= self.cutoff)
+        strict = self.strict_max_neighbors
+        main_sel = (self.cutoff_main, self.max_neighbors_main)
+        if self.uses_a2a_graph:
+            a2a = parent = full
+            parent_sel = (self.cutoff_aint, self.max_neighbors_aint)
+            main = ix.subselect(a2a, n, *main_sel, *parent_sel, strict)
+            a2ee2a = ix.subselect(a2a, n, self.cutoff_aeaint, self.max_neighbors_aeaint, *parent_sel, strict)
+        else:  # the calculator's graph is the main graph; qint is sub-selected from it
+            a2a = a2ee2a = None
+            main = parent = full
+            parent_sel = main_sel
+        qint = None
+        if self.use_quad:
+            qint = ix.subselect(parent, n, self.cutoff_qint, self.max_neighbors_qint, *parent_sel, strict)
+            # only edges touching an atom tagged in qint_tags take part in quadruplets
+            tagged = torch.isin(graph.tags, self.qint_tags.to(graph.tags.device))
+            qint = qint.select(tagged[qint.src] | tagged[qint.dst])
+
+        main, id_swap = ix.symmetrize(main)
+        idx = GemNetIndices(main=main, id_swap=id_swap, trip_e2e=ix.get_triplets(main, n), a2a=a2a, a2ee2a=a2ee2a)
+        aggs = [idx.trip_e2e.agg]
+        if self.use_quad:
+            idx.qint = qint
+            idx.quad = ix.get_quadruplets(main, qint, n)
+            aggs.append(idx.quad.agg)
+        if self.use_a2e:
+            idx.trip_a2e = ix.get_mixed_triplets(a2ee2a, main, n)
+            aggs.append(idx.trip_a2e.agg)
+        if self.use_e2a:
+            idx.trip_e2a = ix.get_mixed_triplets(main, a2ee2a, n)
+            idx.a2ee2a_agg = ix.neighbor_aggregation(a2ee2a, n)
+            aggs += [idx.trip_e2a.agg, idx.a2ee2a_agg]
+        if self.use_a2a:
+            idx.a2a_agg = ix.neighbor_aggregation(a2a, n)
+            aggs.append(idx.a2a_agg)
+        ix.resolve_kmax(aggs)
+        return idx
+
+    def get_bases(self, idx: GemNetIndices) -> dict[str, Any]:
+        """Raw bases of all graphs and their shared down-projections."""
+        main, trip = idx.main, idx.trip_e2e
+        rad_main = self.radial_basis(main.dist)
+        bases: dict[str, Any] = {"rad_main": rad_main}
+        cos_cab = _dot_clamped(main.vector[trip.out], main.vector[trip.in_])
+        rad_cir, cir = self.cbf_basis_tint(main.dist, cos_cab)
+        bases["e2e"] = {"rad": self.mlp_rbf_tint(rad_main), "cir": self.mlp_cbf_tint(rad_cir, cir, sph_agg=trip.agg)}
+        if self.use_quad:
+            quad, qint = idx.quad, idx.qint
+            # d -> b -> a
+            v_ba = qint.vector[quad.triplet_in.out]
+            v_db = main.vector[quad.triplet_in.in_]
+            cos_abd = _dot_clamped(v_ba, v_db)
+            cross_db = torch.cross(v_db, v_ba, dim=-1)[quad.trip_in_to_quad]
+            # c -> a <- b
+            v_ca = main.vector[quad.triplet_out.out]
+            v_ba = qint.vector[quad.triplet_out.in_]
+            cos_cab_q = _dot_clamped(v_ca, v_ba)
+            cross_ca = torch.cross(v_ca, v_ba, dim=-1)[quad.trip_out_to_quad]
+            dihedral = _angle(cross_ca, cross_db)  # c -> a - b <- d (half angle, parity ignored)
+            rad_cir_q, cir_q = self.cbf_basis_qint(qint.dist, cos_abd)
+            rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, cos_cab_q[quad.trip_out_to_quad], dihedral)
+            bases["qint"] = {
+                "rad": self.mlp_rbf_qint(rad_main),
+                "cir": self.mlp_cbf_qint(rad_cir_q, cir_q, sph_outer=quad.triplet_in.out),
+                "sph": self.mlp_sbf_qint(rad_sph_q, sph_q, sph_agg=quad.agg),
+            }
+        if self.use_a2e:
+            a2ee2a, trip = idx.a2ee2a, idx.trip_a2e
+            cos = _dot_clamped(main.vector[trip.out], a2ee2a.vector[trip.in_])
+            rad_cir, cir = self.cbf_basis_aeint(main.dist, cos)
+            bases["a2e"] = {
+                "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a.dist)),
+                "cir": self.mlp_cbf_aeint(rad_cir, cir, sph_agg=trip.agg),
+            }
+        if self.use_e2a:
+            a2ee2a, trip = idx.a2ee2a, idx.trip_e2a
+            cos = _dot_clamped(a2ee2a.vector[trip.out], main.vector[trip.in_])
+            rad_cir, cir = self.cbf_basis_eaint(a2ee2a.dist, cos)
+            bases["e2a"] = {
+                "rad": self.mlp_rbf_eaint(rad_main),
+                "cir": self.mlp_cbf_eaint(rad_cir, cir, rad_agg=idx.a2ee2a_agg, sph_agg=trip.agg),
+            }
+        if self.use_a2a:
+            bases["a2a"] = self.mlp_rbf_aint(self.radial_basis_aint(idx.a2a.dist), rad_agg=idx.a2a_agg)
+        bases["atom_update"] = self.mlp_rbf_h(rad_main)
+        bases["output"] = self.mlp_rbf_out(rad_main)
+        return bases
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, graph: AtomGraph) -> dict[str, Tensor]:
+        """Raw energy (B,) and, with direct_forces, raw forces (N, 3), in the dtype of the graph."""
+        z = graph.numbers.long()
+        if z.numel() and not bool(((z >= 1) & (z <= self.max_elements)).all()):
+            raise ValueError(f"GemNet-OC accepts atomic numbers 1..{self.max_elements}, got {sorted(set(z.tolist()))}")
+        idx = self.build_indices(graph)
+        bases = self.get_bases(idx)
+        main = idx.main
+
+        h = self.atom_emb(z)
+        m = self.edge_emb(h, bases["rad_main"], main.edge_index)
+        x_e, x_f = self.out_blocks[0](h, m, bases["output"], main.dst)
+        xs_e, xs_f = [x_e], [x_f]
+        for block, out_block in zip(self.int_blocks, self.out_blocks[1:], strict=True):
+            h, m = block(h, m, bases, idx)
+            x_e, x_f = out_block(h, m, bases["output"], main.dst)
+            xs_e.append(x_e)
+            xs_f.append(x_f)
+
+        e_atom = self.out_energy(self.out_mlp_E(torch.cat(xs_e, dim=-1)))  # (N, 1)
+        reduce = scatter_sum if self.extensive else scatter_mean
+        out = {"energy": reduce(e_atom, graph.batch, graph.num_graphs).squeeze(1)}
+        if self.direct_forces:
+            f_st = self.out_forces(self.out_mlp_F(torch.cat(xs_f, dim=-1)))  # (E, 1)
+            if self.forces_coupled:  # |F_st| = |F_ts|
+                f_st = (f_st + f_st[idx.id_swap]) / 2
+            out["forces"] = scatter_sum(f_st * main.vector, main.dst, graph.num_atoms)
+        return out
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def load_checkpoint_state(self, state_dict: dict[str, Tensor], scale_dict: dict[str, float] | None = None) -> None:
+        """Load fairchem weights; scale factors from ``<path>.scale_factor`` entries and/or ``scale_dict``."""
+        load_gemnet_state(self, state_dict, scale_dict)

@@ -1,0 +1,85 @@
+"""GemNet-OC atom update and output blocks (edge -> atom aggregation, per-block energy/force features)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from mlcalc.models.gemnet_oc.layers import Dense, ResidualLayer, ScaleFactor
+from mlcalc.nn.scatter import scatter_sum
+
+
+def _mlp(units_in: int, units: int, n_hidden: int, activation: str | None) -> nn.ModuleList:
+    """Optional Dense(units_in -> units) followed by ``n_hidden`` residual layers."""
+    layers: list[nn.Module] = []
+    if units_in != units:
+        layers.append(Dense(units_in, units, activation=activation))
+    layers += [ResidualLayer(units, n_layers=2, activation=activation) for _ in range(n_hidden)]
+    return nn.ModuleList(layers)
+
+
+class AtomUpdateBlock(nn.Module):
+    """Sum of edge embeddings times a radial basis over each target atom, then an MLP: -> (N, emb_size_atom)."""
+
+    def __init__(self, emb_size_atom: int, emb_size_edge: int, emb_size_rbf: int, n_hidden: int, activation=None):
+        super().__init__()
+        self.dense_rbf = Dense(emb_size_rbf, emb_size_edge, activation=None)
+        self.scale_sum = ScaleFactor()
+        self.layers = _mlp(emb_size_edge, emb_size_atom, n_hidden, activation)
+
+    def forward(self, h: Tensor, m: Tensor, basis_rad: Tensor, idx_atom: Tensor) -> Tensor:
+        x = scatter_sum(m * self.dense_rbf(basis_rad), idx_atom, h.shape[0])
+        x = self.scale_sum(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class OutputBlock(AtomUpdateBlock):
+    """Atom update followed by the energy MLP (with a skip from h) and, for direct forces, the edge MLP.
+
+    Returns per-atom energy features (N, emb_size_atom) and per-edge force features (E, emb_size_edge) or 0.
+    ``seq_energy_pre`` is the same module list as ``layers`` (fairchem registers it under both names).
+    """
+
+    def __init__(
+        self,
+        emb_size_atom: int,
+        emb_size_edge: int,
+        emb_size_rbf: int,
+        n_hidden: int,
+        n_hidden_afteratom: int,
+        activation: str | None = None,
+        direct_forces: bool = True,
+    ) -> None:
+        super().__init__(emb_size_atom, emb_size_edge, emb_size_rbf, n_hidden, activation)
+        self.direct_forces = direct_forces
+        self.seq_energy_pre = self.layers
+        if n_hidden_afteratom >= 1:
+            self.seq_energy2 = _mlp(emb_size_atom, emb_size_atom, n_hidden_afteratom, activation)
+        else:
+            self.seq_energy2 = None
+        self.inv_sqrt_2 = 1 / math.sqrt(2.0)
+        if direct_forces:
+            self.scale_rbf_F = ScaleFactor()
+            self.seq_forces = _mlp(emb_size_edge, emb_size_edge, n_hidden, activation)
+            self.dense_rbf_F = Dense(emb_size_rbf, emb_size_edge, activation=None)
+
+    def forward(self, h: Tensor, m: Tensor, basis_rad: Tensor, idx_atom: Tensor) -> tuple[Tensor, Tensor | int]:
+        x_e = scatter_sum(m * self.dense_rbf(basis_rad), idx_atom, h.shape[0])
+        x_e = self.scale_sum(x_e)
+        for layer in self.seq_energy_pre:
+            x_e = layer(x_e)
+        if self.seq_energy2 is not None:
+            x_e = (x_e + h) * self.inv_sqrt_2
+            for layer in self.seq_energy2:
+                x_e = layer(x_e)
+
+        if not self.direct_forces:
+            return x_e, 0
+        x_f = m
+        for layer in self.seq_forces:
+            x_f = layer(x_f)
+        x_f = self.scale_rbf_F(x_f * self.dense_rbf_F(basis_rad))
+        return x_e, x_f
