@@ -392,3 +392,18 @@ def test_unknown_config_keys_are_ignored_with_a_log_line(caplog):
     with caplog.at_level("INFO"):
         m = GemNetOC.from_config(hp)
     assert "some_future_option" in caplog.text and m.cutoff == 6.0 and m.max_neighbors == 50 and m.strict_max_neighbors
+
+
+def test_inference_fast_path_equals_autograd_path():
+    """Without autograd the model overwrites temporaries in place; the numbers must be bitwise the same."""
+    m = model("gemnet_oc_small_direct")
+    calc = calculator("gemnet_oc_small_direct")
+    graph = calc.build_graph(STRUCTURES["a_cu111_2x2x3_O"])
+    with torch.no_grad():
+        fast = calc.model(graph)
+    graph.pos.requires_grad_(True)
+    with torch.enable_grad():
+        slow = calc.model(graph)
+    assert m.direct_forces and slow["forces"].requires_grad
+    for key in ("energy", "forces"):
+        assert torch.equal(fast[key], slow[key].detach())

@@ -13,7 +13,7 @@ import torch
 from scipy.special import binom
 from torch import Tensor, nn
 
-from mlcalc.models.gemnet_oc.layers import ScaleFactor
+from mlcalc.models.gemnet_oc.layers import ScaleFactor, needs_grad
 
 #: attribute name fairchem uses for the cosine basis of CircularBasisLayer (part of state_dict keys)
 COS_BASIS_NAME = "cos\u03c6_basis"
@@ -63,7 +63,9 @@ class GaussianBasis(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         diff = x[:, None] - self.offset[None, :]
-        return torch.exp(self.coeff * torch.pow(diff, 2))
+        if needs_grad(diff):
+            return torch.exp(self.coeff * torch.pow(diff, 2))
+        return diff.square_().mul_(self.coeff).exp_()  # same arithmetic without temporaries
 
 
 class SphericalBesselBasis(nn.Module):
@@ -137,7 +139,9 @@ class RadialBasis(nn.Module):
 
     def forward(self, d: Tensor) -> Tensor:
         d_scaled = d * self.inv_cutoff
-        out = self.envelope(d_scaled)[:, None] * self.rbf(d_scaled)
+        env = self.envelope(d_scaled)[:, None]
+        rbf = self.rbf(d_scaled)
+        out = env * rbf if needs_grad(rbf) else rbf.mul_(env)
         if self.scale_basis:
             out = self.scale_rbf(out)
         return out

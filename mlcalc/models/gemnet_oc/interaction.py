@@ -237,7 +237,7 @@ class InteractionBlock(nn.Module):
         x_ca_skip = self.dense_ca(m)
         x_e2e = self.trip_interaction(m, bases["e2e"], idx.trip_e2e, idx.id_swap)
         x = x_ca_skip.add_(x_e2e)  # fresh tensors: in place (same sums as fairchem)
-        if self.quad_interaction is not None:
+        if self.quad_interaction is not None and "qint" in bases:  # no quadruplets: the message is exactly 0
             x = x.add_(self.quad_interaction(m, bases["qint"], idx.quad, idx.id_swap))
         if self.atom_edge_interaction is not None:
             x = x.add_(

@@ -33,6 +33,11 @@ def get_initializer(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- basic layers
+def needs_grad(x: Tensor) -> bool:
+    """Whether autograd records operations on x (else in-place arithmetic on temporaries is safe)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 class ScaledSiLU(nn.Module):
     """SiLU(x) / 0.6, roughly variance preserving."""
 
@@ -41,7 +46,11 @@ class ScaledSiLU(nn.Module):
         self.scale_factor = 1 / 0.6
         self._activation = nn.SiLU()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fresh: bool = False) -> Tensor:
+        """``fresh``: x is a temporary no one else reads; without autograd it is then overwritten (no new buffer,
+        same arithmetic)."""
+        if fresh and not needs_grad(x):
+            return nn.functional.silu(x, inplace=True).mul_(self.scale_factor)
         # in place on the fresh SiLU output (its backward needs only x): saves a large temporary
         return self._activation(x).mul_(self.scale_factor)
 
@@ -68,7 +77,13 @@ class Dense(nn.Module):
                 self.linear.bias.fill_(0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._activation(self.linear(x))
+        return self.activate(self.linear(x))
+
+    def activate(self, x: Tensor) -> Tensor:
+        """The activation of a fresh pre-activation x (may overwrite x when no gradient is recorded)."""
+        if isinstance(self._activation, ScaledSiLU):
+            return self._activation(x, fresh=True)
+        return x
 
 
 class ResidualLayer(nn.Module):
@@ -221,11 +236,21 @@ class AtomEmbedding(nn.Module):
 
 
 class EdgeEmbedding(nn.Module):
-    """Edge embedding Dense([h_source, h_target, m]) for edges given as (2, E) [source, target]."""
+    """Edge embedding Dense([h_source, h_target, m]) for edges given as (2, E) [source, target].
+
+    Computed as W_s h[source] + W_t h[target] + W_m m with the atom terms projected per atom before the gather
+    (N << E rows), the same linear map as the concatenated product.
+    """
 
     def __init__(self, atom_features: int, edge_features: int, out_features: int, activation: str | None = None):
         super().__init__()
+        self.atom_features = atom_features
         self.dense = Dense(2 * atom_features + edge_features, out_features, activation=activation, bias=False)
 
     def forward(self, h: Tensor, m: Tensor, edge_index: Tensor) -> Tensor:
-        return self.dense(torch.cat([h[edge_index[0]], h[edge_index[1]], m], dim=-1))
+        weight = self.dense.linear.weight  # (out, 2 A + E_in): [W_s | W_t | W_m]
+        a = self.atom_features
+        x = nn.functional.linear(m, weight[:, 2 * a :])
+        x = x.add_(nn.functional.linear(h, weight[:, :a])[edge_index[0]])  # x is fresh: in place
+        x = x.add_(nn.functional.linear(h, weight[:, a : 2 * a])[edge_index[1]])
+        return self.dense.activate(x)

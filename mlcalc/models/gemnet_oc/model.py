@@ -336,7 +336,7 @@ class GemNetOC(MLModel):
         cos_cab = _dot_clamped(main.vector[trip.out], main.vector[trip.in_])
         rad_cir, cir = self.cbf_basis_tint(main.dist, cos_cab)
         bases["e2e"] = {"rad": self.mlp_rbf_tint(rad_main), "cir": self.mlp_cbf_tint(rad_cir, cir, sph_agg=trip.agg)}
-        if self.use_quad:
+        if self.use_quad and idx.quad.out.numel() > 0:  # else the quadruplet message is 0 and skipped
             quad, qint = idx.quad, idx.qint
             # d -> b -> a
             v_ba = qint.vector[quad.triplet_in.out]
