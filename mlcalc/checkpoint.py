@@ -59,7 +59,7 @@ def _resolve_global(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def _torch_load(path: str | os.PathLike) -> Any:
+def _load_weights_only(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True; numpy scalars/arrays are allowed, any other pickled object is refused."""
     path = Path(path)
     if not path.is_file():
@@ -139,7 +139,7 @@ def _fairchem_normalizers(ckpt: dict[str, Any], config: dict[str, Any]) -> dict[
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
     """Read a fairchem v1 checkpoint (legacy, new, ``module.`` prefixes, ``scale_dict``) or an mlcalc file."""
-    ckpt = _torch_load(path)
+    ckpt = _load_weights_only(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
     if ckpt.get("format") == MLCALC_FORMAT:
