@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
+from _side_by_side import fairchem_runner, time_calls  # benchmarks/ is on sys.path when run as a script
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111
 
@@ -76,45 +74,10 @@ def slab_with_adsorbate(seed: int = 0) -> Atoms:
     return slab
 
 
-def time_calls(fn: Callable[[Atoms], object], atoms: Atoms, repeats: int) -> tuple[float, float]:
-    """(median, min) seconds per call of ``fn``; one warm-up call first, fresh positions on every call."""
-    base = atoms.positions.copy()
-    times = []
-    for k in range(repeats + 1):
-        atoms.positions = base
-        atoms.positions[0, 0] += 1e-4 * (-1) ** k  # force a new graph and a recalculation
-        t0 = time.perf_counter()
-        fn(atoms)
-        if k:
-            times.append(time.perf_counter() - t0)
-    atoms.positions = base
-    return statistics.median(times), min(times)
-
-
-def fairchem_runner(model: torch.nn.Module, dtype: torch.dtype) -> Callable[[Atoms], float] | None:
-    """A callable evaluating fairchem's eSCN / SCN with ``model``'s weights (returns the raw energy, eV), or None
-    when fairchem is not importable."""
-    try:
-        from fairchem.core.datasets import data_list_collater
-        from fairchem.core.models.escn.escn import eSCN as FairchemESCN
-        from fairchem.core.models.scn.scn import SphericalChannelNetwork as FairchemSCN
-        from fairchem.core.preprocessing import AtomsToGraphs
-    except Exception:  # noqa: BLE001 - any import problem means: no side-by-side column
-        return None
-    cls = FairchemESCN if isinstance(model, ESCN) else FairchemSCN
-    ref = cls(**{**model.hparams, "otf_graph": True})
-    ref.load_state_dict(model.state_dict(), strict=True)  # identical parameter names
-    ref = ref.to(dtype).eval()
-    a2g = AtomsToGraphs(r_edges=False, r_pbc=True)
-
-    def run(atoms: Atoms) -> float:
-        batch = data_list_collater([a2g.convert(atoms)], otf_graph=True)
-        batch.pos = batch.pos.to(dtype)
-        batch.cell = batch.cell.to(dtype)
-        with torch.no_grad():  # both models predict forces directly
-            return float(ref(batch)["energy"].reshape(-1)[0])
-
-    return run
+FAIRCHEM_CLASS = {
+    "ESCN": "fairchem.core.models.escn.escn.eSCN",
+    "SCN": "fairchem.core.models.scn.scn.SphericalChannelNetwork",
+}
 
 
 def build_models() -> list[tuple[str, torch.nn.Module]]:
@@ -144,7 +107,7 @@ def main() -> None:
     rows, with_fairchem = [], False
     for name, model in build_models():
         calc = MLCalculator(model, device="cpu", dtype=dtype)
-        reference = None if args.no_fairchem else fairchem_runner(model, dtype)
+        reference = None if args.no_fairchem else fairchem_runner(FAIRCHEM_CLASS[type(model).__name__], model, dtype)
 
         def ours(atoms: Atoms, calc: MLCalculator = calc) -> None:
             calc.calculate(atoms, ["energy", "forces"])

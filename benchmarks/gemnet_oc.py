@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 import numpy as np
 import torch
+from _side_by_side import fairchem_runner, time_calls  # benchmarks/ is on sys.path when run as a script
 from ase import Atoms
 from ase.build import add_adsorbate, bulk, fcc111
 
@@ -56,21 +56,6 @@ def bulk_500() -> Atoms:
     return atoms
 
 
-def time_calls(fn, atoms: Atoms, repeats: int) -> float:
-    """Seconds per call (median), each call on freshly perturbed positions."""
-    rng = np.random.default_rng(0)
-    base = atoms.positions.copy()
-    times = []
-    for k in range(repeats + 1):
-        atoms.positions = base + rng.normal(scale=1e-3, size=base.shape)
-        t0 = time.perf_counter()
-        fn(atoms)
-        if k:  # the first call warms up
-            times.append(time.perf_counter() - t0)
-    atoms.positions = base
-    return float(np.median(times))
-
-
 def graph_stats(model: GemNetOC, calc: GemNetOCCalculator, atoms: Atoms) -> dict[str, int]:
     with torch.no_grad():
         idx = model.build_indices(calc.build_graph(atoms))
@@ -80,29 +65,6 @@ def graph_stats(model: GemNetOC, calc: GemNetOCCalculator, atoms: Atoms) -> dict
         "triplets": idx.trip_e2e.out.numel(),
         "quadruplets": idx.quad.out.numel(),
     }
-
-
-def fairchem_runner(model: GemNetOC, dtype: torch.dtype):
-    """A callable timing fairchem's GemNetOC with the same weights, or None without fairchem."""
-    try:
-        from fairchem.core.datasets import data_list_collater
-        from fairchem.core.models.gemnet_oc.gemnet_oc import GemNetOC as FairchemGemNetOC
-        from fairchem.core.preprocessing import AtomsToGraphs
-    except Exception:  # noqa: BLE001 - any import problem means: no side-by-side column
-        return None
-    ref = FairchemGemNetOC(**{**model.hparams, "otf_graph": True, "scale_file": None})
-    ref.load_state_dict(model.state_dict(), strict=True)  # identical parameter names
-    ref = ref.to(dtype).eval()
-    a2g = AtomsToGraphs(r_edges=False, r_pbc=True)
-
-    def run(atoms: Atoms) -> float:
-        batch = data_list_collater([a2g.convert(atoms)], otf_graph=True)
-        batch.pos = batch.pos.to(dtype)
-        batch.cell = batch.cell.to(dtype)
-        with torch.no_grad():
-            return float(ref(batch)["energy"][0])
-
-    return run
 
 
 def main() -> None:
@@ -121,7 +83,9 @@ def main() -> None:
         torch.manual_seed(0)
         model = GemNetOC(**BASE_HPARAMS)
     calc = GemNetOCCalculator(model, device="cpu", dtype=dtype)
-    reference = None if args.no_fairchem else fairchem_runner(model, dtype)
+    reference = None if args.no_fairchem else fairchem_runner(
+        "fairchem.core.models.gemnet_oc.gemnet_oc.GemNetOC", model, dtype, scale_file=None
+    )
 
     def ours(atoms: Atoms) -> None:
         calc.calculate(atoms, ["energy", "forces"])
@@ -135,12 +99,12 @@ def main() -> None:
     print(header)
     for name, atoms in [("Cu(111) 3x3x4 + O", slab_with_adsorbate()), ("Cu fcc bulk 500", bulk_500())]:
         stats = graph_stats(calc.model, calc, atoms)
-        t_ours = time_calls(ours, atoms, args.repeats)
+        t_ours, _ = time_calls(ours, atoms, args.repeats)
         row = (f"{name:<26}{len(atoms):>6}{stats['a2a']:>9}{stats['main']:>8}{stats['triplets']:>10}"
                f"{stats['quadruplets']:>10}{t_ours:>15.3f}")  # fmt: skip
         if reference is not None:
             try:
-                t_ref = time_calls(reference, atoms, args.repeats)
+                t_ref, _ = time_calls(reference, atoms, args.repeats)
             except RuntimeError as err:  # fairchem 1.10 fails on an empty quadruplet graph (no tagged atoms)
                 row += f"{'fails':>17}  ({str(err).splitlines()[0][:50]}...)"
             else:
