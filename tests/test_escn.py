@@ -98,7 +98,10 @@ def test_checkpoint_loads_strictly() -> None:
     assert trainable == EXPECTED["n_trainable_params"]
     # fixed values fairchem stores as parameters are what we would compute
     assert torch.equal(model.sphere_points, data.state_dict["sphere_points"])
-    assert torch.equal(sphere_points(128), data.state_dict["sphere_points"])
+    # recomputed: equal to the stored float32 values within float32 rounding (never bit for bit across CPUs)
+    stored = data.state_dict["sphere_points"]
+    tol = 4 * torch.finfo(stored.dtype).eps
+    torch.testing.assert_close(sphere_points(128).to(stored.dtype), stored, rtol=0, atol=tol)
 
 
 def test_registry_hparams_and_attributes(model) -> None:
