@@ -8,6 +8,7 @@ from mlcalc.calculator import (  # noqa: E402
     MLCalculator,
     SCNCalculator,
     SphereNetCalculator,
+    load_calculator,
 )
 from mlcalc.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
 from mlcalc.graph import AtomGraph, radius_graph  # noqa: E402
@@ -20,6 +21,7 @@ __all__ = [
     "SCNCalculator",
     "SphereNetCalculator",
     "__version__",
+    "load_calculator",
     "load_model",
     "radius_graph",
     "read_checkpoint",
