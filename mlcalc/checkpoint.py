@@ -59,21 +59,56 @@ def _resolve_global(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+#: first bytes of the files torch.save writes: a zip archive (torch >= 1.6) or a pickle (protocol 2+, older torch)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a file written by ``torch.save`` (zip archive or legacy pickle stream)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(_TORCH_MAGIC)
+
+
+def _describe_non_torch_file(path: Path) -> str:
+    """A short description of what a file that is not a torch checkpoint looks like (empty, text, binary)."""
+    with open(path, "rb") as fh:
+        head = fh.read(256)
+    if not head:
+        return "the file is empty"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        return "it is a binary file of another kind"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"it looks like a text file, first line {first[:60]!r}"
+
+
 def _load_weights_only(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True; numpy scalars/arrays are allowed, any other pickled object is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not is_torch_file(path):
+        raise ValueError(
+            f"{path} is not a torch checkpoint ({_describe_non_torch_file(path)}); pass a .pt/.pth file written by "
+            "fairchem or mlcalc.save_model"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first_error = str(err).splitlines()[0]
-    except RuntimeError as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {err}") from None
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # noqa: BLE001 - any failure here means we cannot vouch for the file
-        names = []
+    except Exception as err:  # noqa: BLE001 - the pickle stream itself is unreadable
+        raise ValueError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {first_error}") from err
     unsafe = [n for n in names if not _is_numpy_data_global(n)]
     if names and not unsafe:
         import numpy as np
@@ -186,12 +221,18 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
-    """Build the model a checkpoint describes and load its weights and normalisers (CPU, float32 weights)."""
+    """Build the model a checkpoint describes and load its weights and normalisers (CPU, float32 weights).
+
+    The model is built without random initialisation (``mlcalc.nn.init.skip_init``): every weight comes from the
+    checkpoint (strict loading), so drawing random numbers first would only cost time (2-3 s for GemNet-OC).
+    """
     from mlcalc.models.base import get_model_class
+    from mlcalc.nn.init import skip_init
 
     data = read_checkpoint(path)
     cls = get_model_class(data.model_name)
-    model = cls.from_config(data.hparams)
+    with skip_init():
+        model = cls.from_config(data.hparams)
     if data.source_format == "mlcalc":
         model.load_state_dict(data.state_dict, strict=True)
     else:

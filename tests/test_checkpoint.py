@@ -94,3 +94,27 @@ def test_numpy_metrics_in_a_fairchem_file_are_accepted(tmp_path):
     torch.save(raw, tmp_path / "np.pt")
     ck = read_checkpoint(tmp_path / "np.pt")
     assert ck.model_name == "scn" and ck.normalizers["forces"] == (0.0, 10000.0)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"Cu\n 1.0\n 0 1.8 1.8\n 1.8 0 1.8\n 1.8 1.8 0\n Cu\n 1\nCartesian\n 0 0 0\n", "text file, first line 'Cu'"),
+        (b'{"model": "gemnet_oc"}', "text file"),
+        (b"", "empty"),
+        (b"\x00\x01\x02binary", "binary file"),
+    ],
+)
+def test_files_that_are_not_torch_checkpoints_say_so(tmp_path, content, message):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="is not a torch checkpoint") as err:
+        read_checkpoint(path)
+    assert message in str(err.value) and "pickled" not in str(err.value)
+
+
+def test_truncated_checkpoint_is_reported_as_unreadable(tmp_path):
+    data = (DATA / "scn_small.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        read_checkpoint(tmp_path / "cut.pt")

@@ -1,9 +1,27 @@
-"""Scatter/segment helpers in plain torch (no torch_scatter)."""
+"""Gather/scatter/segment helpers in plain torch (no torch_scatter).
+
+Determinism: ``gather`` and ``scatter_sum`` go through ``index_select`` / ``index_add_``, which on CPU sum in a fixed
+order whatever the thread count, so repeated calls on the same input are bit-identical (advanced indexing
+``x[index]`` is not: its backward, ``index_put_(accumulate=True)``, uses unordered atomic float32 adds on CPU when
+torch runs with more than one thread). On CUDA ``index_add_`` uses atomics, so GPU results are not bit-repeatable.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def gather(src: Tensor, index: Tensor) -> Tensor:
+    """Rows ``src[index]`` for an integer ``index`` of any shape: (*index.shape, *src.shape[1:]).
+
+    Same values as advanced indexing, but the backward sums the gathered gradients with ``index_add_`` (fixed order)
+    instead of ``index_put_(accumulate=True)`` (atomic adds on CPU with several threads): use it wherever gradients
+    flow back through a gather with repeated indices (atoms -> edges, edges -> triplets, ...).
+    """
+    if index.dim() == 1:
+        return torch.index_select(src, 0, index)
+    return torch.index_select(src, 0, index.reshape(-1)).view(*index.shape, *src.shape[1:])
 
 
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int, dim: int = 0) -> Tensor:

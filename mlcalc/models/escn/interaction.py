@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from mlcalc.models.escn.layers import EdgeBlock, SO2Block
 from mlcalc.models.escn.layout import ESCNLayout, from_grid, to_grid
-from mlcalc.nn.scatter import scatter_sum
+from mlcalc.nn.scatter import gather, scatter_sum
 
 
 @dataclass
@@ -76,8 +76,8 @@ class MessageBlock(nn.Module):
         layout: ESCNLayout,
     ) -> Tensor:
         x_edge = self.edge_block(edge_distance, atomic_numbers[edge_index[0]], atomic_numbers[edge_index[1]])
-        x_source = self._to_edge_frame(x[edge_index[0]], frames, layout)
-        x_target = self._to_edge_frame(x[edge_index[1]], frames, layout)
+        x_source = self._to_edge_frame(gather(x, edge_index[0]), frames, layout)
+        x_target = self._to_edge_frame(gather(x, edge_index[1]), frames, layout)
         msg = self.so2_block_source(x_source, x_edge, layout.m_sizes) + self.so2_block_target(
             x_target, x_edge, layout.m_sizes
         )

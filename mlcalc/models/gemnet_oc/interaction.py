@@ -17,6 +17,7 @@ from mlcalc.models.gemnet_oc.layers import (
     ScaleFactor,
 )
 from mlcalc.models.gemnet_oc.output import AtomUpdateBlock
+from mlcalc.nn.scatter import gather
 
 
 class QuadrupletInteraction(nn.Module):
@@ -53,15 +54,15 @@ class QuadrupletInteraction(nn.Module):
         x_db = self.dense_db(m)
         x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]))  # rbf(d_db)
         x_db = self.down_projection(x_db)
-        x_db = x_db[quad.triplet_in.in_]  # (T_in, quad_in)
+        x_db = gather(x_db, quad.triplet_in.in_)  # (T_in, quad_in)
         x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]))  # cbf(d_ba, angle abd)
-        x_db = x_db[quad.trip_in_to_quad]  # (Q, quad_in)
+        x_db = gather(x_db, quad.trip_in_to_quad)  # (Q, quad_in)
         x = self.mlp_sbf(bases["sph"], x_db, quad.agg)  # sbf(d_ca, angle cab, dihedral cabd) summed onto c -> a
         x = self.scale_sbf_sum(x)
         if not self.symmetric_mp:
             return self.up_projection_ca(x)
         x_ca = self.up_projection_ca(x)
-        x_ac = self.up_projection_ac(x)[id_swap]
+        x_ac = gather(self.up_projection_ac(x), id_swap)
         return x_ca.add_(x_ac).mul_(self.inv_sqrt_2)  # x_ca is fresh: in place
 
 
@@ -107,18 +108,18 @@ class TripletInteraction(nn.Module):
         edges onto atoms. Returns (E, emb_size_out) or, with agg2, (N, emb_size_out)."""
         x_ba = self.dense_ba(m)
         if expand_idx is not None:
-            x_ba = x_ba[expand_idx]
+            x_ba = gather(x_ba, expand_idx)
         x_ba = self.scale_rbf(x_ba * self.mlp_rbf(bases["rad"]))  # rbf(d_ba)
         x_ba = self.down_projection(x_ba)
-        x_ba = x_ba[trip.in_]
+        x_ba = gather(x_ba, trip.in_)
         x = self.mlp_cbf(bases["cir"], x_ba, trip.agg, agg2)  # cbf(d_ca, angle cab)
         x = self.scale_cbf_sum(x)
         if self.symmetric_mp:
             x_ca = self.up_projection_ca(x)
-            x_ac = self.up_projection_ac(x)[id_swap]
+            x_ac = gather(self.up_projection_ac(x), id_swap)
             return x_ca.add_(x_ac).mul_(self.inv_sqrt_2)  # x_ca is fresh: in place
         if self.swap_output:
-            x = x[id_swap]
+            x = gather(x, id_swap)
         return self.up_projection_ca(x)
 
 
@@ -142,7 +143,7 @@ class PairInteraction(nn.Module):
 
     def forward(self, h: Tensor, rad_basis: Tensor, src: Tensor, agg: Aggregation) -> Tensor:
         """h: (N, emb_size_atom); rad_basis: (N, emb_size_rbf, kmax) padded per atom -> (N, emb_size_atom)."""
-        x_ba = self.down_projection(h)[src]  # (E_a2a, pair_in)
+        x_ba = gather(self.down_projection(h), src)  # (E_a2a, pair_in)
         x2 = agg.pad(x_ba)  # (N, kmax, pair_in)
         h_out = self.bilinear((rad_basis @ x2).flatten(1))
         h_out = self.scale_rbf_sum(h_out)

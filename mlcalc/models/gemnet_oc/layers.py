@@ -9,10 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mlcalc.nn.init import init_skipped
+from mlcalc.nn.scatter import gather
+
 
 # ---------------------------------------------------------------------------------------------- initialisers
 def he_orthogonal_init(tensor: Tensor) -> Tensor:
-    """Semi-orthogonal matrix, standardised per output row, with variance 1 / fan_in (in place)."""
+    """Semi-orthogonal matrix, standardised per output row, with variance 1 / fan_in (in place); returned as is
+    inside ``mlcalc.nn.init.skip_init()``."""
+    if init_skipped():
+        return tensor
     with torch.no_grad():
         nn.init.orthogonal_(tensor)
         fan_in = tensor.shape[:-1].numel() if tensor.dim() == 3 else tensor.shape[1]
@@ -188,7 +194,7 @@ class BasisEmbedding(nn.Module):
         if sph_basis is None:
             return rad_w1
         if sph_agg is None:
-            return (rad_w1[sph_outer] @ sph_basis[:, :, None]).squeeze(-1)  # (T, interm)
+            return (gather(rad_w1, sph_outer) @ sph_basis[:, :, None]).squeeze(-1)  # (T, interm)
         sph2 = sph_agg.pad_columns(sph_basis)  # (E, num_spherical, kmax)
         return rad_w1, sph2
 
@@ -251,6 +257,6 @@ class EdgeEmbedding(nn.Module):
         weight = self.dense.linear.weight  # (out, 2 A + E_in): [W_s | W_t | W_m]
         a = self.atom_features
         x = nn.functional.linear(m, weight[:, 2 * a :])
-        x = x.add_(nn.functional.linear(h, weight[:, :a])[edge_index[0]])  # x is fresh: in place
-        x = x.add_(nn.functional.linear(h, weight[:, a : 2 * a])[edge_index[1]])
+        x = x.add_(gather(nn.functional.linear(h, weight[:, :a]), edge_index[0]))  # x is fresh: in place
+        x = x.add_(gather(nn.functional.linear(h, weight[:, a : 2 * a]), edge_index[1]))
         return self.dense.activate(x)

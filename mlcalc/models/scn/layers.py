@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mlcalc.models.scn.frames import EdgeFrames, SphericalResolution
+from mlcalc.nn.scatter import gather
 
 
 class DistanceBlock(nn.Module):
@@ -59,7 +60,7 @@ class MessageBlock(nn.Module):
         channels = self.sphere_channels_reduce
         x_edge = self.act(self.fc1_dist(x_edge))
         # both end atoms in every tap's edge frame: (E, S, 2C) -> (E, T, R, 2C) -> (E T, [source (R, C), target (R, C)])
-        ends = torch.cat([x[frames.edge_index[0]], x[frames.edge_index[1]]], dim=2)
+        ends = torch.cat([gather(x, frames.edge_index[0]), gather(x, frames.edge_index[1])], dim=2)
         ends = self.sphharm.rotate(frames, ends).view(num_edges, taps, reduce, 2, channels)
         ends = ends.permute(0, 1, 3, 2, 4).reshape(num_edges * taps, 2 * reduce * channels)
         msg = self.act(self.fc1_edge_proj(ends))

@@ -22,7 +22,7 @@ from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.scn import sphere
 from mlcalc.models.scn.frames import EdgeFrames, SphericalResolution
 from mlcalc.models.scn.layers import EdgeBlock
-from mlcalc.nn.scatter import scatter_sum, segment_ranks
+from mlcalc.nn.scatter import gather, scatter_sum, segment_ranks
 from mlcalc.nn.smearing import DISTANCE_EXPANSIONS
 from mlcalc.nn.wigner import edge_rot_mat, rotation_to_euler
 
@@ -201,7 +201,7 @@ class SCN(MLModel):
         bounds = [0]
         for g in groups:
             bounds.append(bounds[-1] + int(g.numel()))
-        edge_index, distance, edge_vec = graph.edge_index[:, order], distance[order], edge_vec[order]
+        edge_index, distance, edge_vec = graph.edge_index[:, order], gather(distance, order), gather(edge_vec, order)
         frames = self._frames(edge_vec, edge_index, bounds, consts)
 
         x = pos.new_zeros((num_atoms, self.sphere_basis, self.sphere_channels))

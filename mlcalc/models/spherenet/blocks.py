@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from mlcalc.nn.scatter import scatter_sum
+from mlcalc.nn.init import init_skipped
+from mlcalc.nn.scatter import gather, scatter_sum
 
 Activation = Callable[[Tensor], Tensor]
 
@@ -21,7 +22,10 @@ NUM_EMBEDDINGS = 95
 
 
 def glorot_orthogonal_(weight: Tensor, scale: float = 2.0) -> None:
-    """Orthogonal init rescaled to variance ``scale / (fan_in + fan_out)`` (DimeNet's GlorotOrthogonal)."""
+    """Orthogonal init rescaled to variance ``scale / (fan_in + fan_out)`` (DimeNet's GlorotOrthogonal); a no-op
+    inside ``mlcalc.nn.init.skip_init()``."""
+    if init_skipped():
+        return
     with torch.no_grad():
         nn.init.orthogonal_(weight)
         weight.mul_(math.sqrt(scale / ((weight.size(0) + weight.size(1)) * weight.var())))
@@ -80,7 +84,7 @@ class InitBlock(nn.Module):
         else:
             x = self.node_embedding.unsqueeze(0).expand(numbers.shape[0], -1)
         rbf0 = self.act(self.lin_rbf_0(rbf))
-        e1 = self.act(self.lin(torch.cat([x[i], x[j], rbf0], dim=-1)))
+        e1 = self.act(self.lin(torch.cat([gather(x, i), gather(x, j), rbf0], dim=-1)))
         return e1, self.lin_rbf_1(rbf) * e1
 
 
@@ -141,7 +145,7 @@ class UpdateE(nn.Module):
         x_ji = self.act(self.lin_ji(x1))
         x_kj = self.act(self.lin_kj(x1)) * self.lin_rbf2(self.lin_rbf1(rbf))
         x_kj = self.act(self.lin_down(x_kj))
-        msg = x_kj[idx_kj] * self.lin_sbf2(self.lin_sbf1(sbf)) * self.lin_t2(self.lin_t1(tbf))
+        msg = gather(x_kj, idx_kj) * self.lin_sbf2(self.lin_sbf1(sbf)) * self.lin_t2(self.lin_t1(tbf))
         x_kj = self.act(self.lin_up(scatter_sum(msg, idx_ji, x1.shape[0])))
         e1 = x_ji + x_kj
         for layer in self.layers_before_skip:

@@ -14,7 +14,7 @@ from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.spherenet.bases import DistanceBasis, SphericalBasis
 from mlcalc.models.spherenet.blocks import NUM_EMBEDDINGS, InitBlock, UpdateE, UpdateV
 from mlcalc.models.spherenet.geometry import build_triplets, torsion_reference, triplet_directions
-from mlcalc.nn.scatter import scatter_sum
+from mlcalc.nn.scatter import gather, scatter_sum
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class SphereNet(MLModel):
         ref = torsion_reference(vec, idx_kj, idx_ji) if self.use_torsion else None
         z, x, y = triplet_directions(vec, dist, idx_kj, idx_ji, ref)
         basis = self.emb.spherical
-        radial_kj = basis.radial(dist)[idx_kj]
+        radial_kj = gather(basis.radial(dist), idx_kj)
         sbf = basis.angle(radial_kj, z)
         tbf = basis.torsion(radial_kj, x, y, z) if ref is not None else basis.torsion_averaged(radial_kj, z)
         rbf = self.emb.dist_emb(dist)
