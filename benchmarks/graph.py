@@ -1,9 +1,11 @@
 """Radius-graph build time: mlcalc (vesin and torch backends) next to raw vesin and ASE's neighbor_list.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/graph.py`` (options: --sizes, --cutoffs, --budget, --repeats).
-Structures are rattled fcc Cu supercells (a = 3.61 Å, 0.1 Å rattle), the dense bulk case. Every number in one
-row comes from the same run on the same structure; a combination whose time, extrapolated linearly in the
+Run: ``OMP_NUM_THREADS=1 python benchmarks/graph.py`` (options: --sizes, --cutoffs, --budget, --repeats,
+--tables). Table "bulk": rattled fcc Cu supercells (a = 3.61 Å, 0.1 Å rattle), the dense bulk case. Every number
+in one row comes from the same run on the same structure; a combination whose time, extrapolated linearly in the
 number of atoms from the previous size, would exceed --budget seconds is skipped and marked as such.
+Table "spread": the same atoms compact and spread over kilometres of empty space (exploding MD, huge boxes), with
+the spread/compact time ratio; raw vesin is skipped where it is known to grid the empty space for minutes.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import numpy as np
 import torch
 import vesin
 from ase import Atoms
-from ase.build import bulk
+from ase.build import bulk, fcc111
 from ase.neighborlist import neighbor_list
 
+from mlcalc.calculator import validate_atoms
 from mlcalc.graph import radius_graph
 
 
@@ -67,19 +70,58 @@ def best_time(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
     return best, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 50000])
-    parser.add_argument("--cutoffs", type=float, nargs="+", default=[6.0, 12.0])
-    parser.add_argument("--budget", type=float, default=60.0, help="skip combinations estimated above this (s)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def spread_cases() -> list[tuple[str, Atoms, Atoms, bool]]:
+    """(name, compact structure, the same atoms spread out, whether raw vesin finishes on the spread one)."""
+    rng = np.random.default_rng(0)
+    gas = Atoms("Cu60", positions=rng.uniform(0, 12, (60, 3)))
+    gas_far = Atoms("Cu60", positions=rng.uniform(0, 1e6, (60, 3)))
+    slab = fcc111("Cu", (8, 8, 6), vacuum=8.0)
+    slab.pbc = (True, True, False)
+    top = slab.positions[:, 2].max()
+    near, runaway, far = slab.copy(), slab.copy(), slab.copy()
+    near += Atoms("O2", positions=[[1, 1, top + 4], [2.2, 1, top + 4]])
+    runaway += Atoms("O2", positions=[[1, 1, top + 2.4e3], [2.2, 1, top + 2.4e3]])
+    far += Atoms("O2", positions=[[1, 1, top + 1e5], [2.2, 1, top + 1e5]])
+    cube = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(8)
+    cube.rattle(0.05, seed=0)
+    in_box = cube.copy()
+    in_box.set_cell(np.eye(3) * 1e5)
+    return [
+        ("60 atoms: 12 Å -> 1e6 Å box, pbc F", gas, gas_far, True),
+        ("slab + O2: 4 Å -> 2.4e3 Å above, pbc TTF", near, runaway, True),
+        ("slab + O2: 4 Å -> 1e5 Å above, pbc TTF", near, far, False),
+        ("Cu 2048: bulk -> cluster in 1e5 Å periodic box", cube, in_box, True),
+    ]
 
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    print(
-        f"torch {torch.__version__}, vesin {vesin.__version__}, OMP_NUM_THREADS={threads}, "
-        f"torch threads {torch.get_num_threads()}; times in seconds (best of {args.repeats} below 2 s)"
-    )
+
+def spread_table(repeats: int) -> None:
+    """Compact vs spread-out timings of the same atoms: the graph's cost must not grow with empty space."""
+    methods: dict[str, Callable[[Atoms], object]] = {
+        "mlcalc vesin": lambda a: radius_graph(a, 6.0, 50),
+        "mlcalc torch(cpu)": lambda a: radius_graph(a, 6.0, 50, backend="torch"),
+        "validate_atoms": validate_atoms,
+        "vesin raw": lambda a: vesin.NeighborList(cutoff=6.0, full_list=True).compute(
+            a.positions, a.cell.array if a.pbc.any() else np.zeros((3, 3)), list(a.pbc), "ij"
+        ),
+    }
+    print("\nspread-out structures, cutoff 6 Å (validate_atoms: 1 Å search); seconds compact / spread (ratio)")
+    header = "| case | atoms | " + " | ".join(methods) + " |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, compact, spread, raw_ok in spread_cases():
+        cells = []
+        for method, fn in methods.items():
+            t_compact, _ = best_time(lambda f=fn, a=compact: f(a), repeats)
+            if method == "vesin raw" and not raw_ok:
+                cells.append(f"{t_compact:.4f} / skipped (minutes)")
+                continue
+            t_spread, _ = best_time(lambda f=fn, a=spread: f(a), repeats)
+            cells.append(f"{t_compact:.4f} / {t_spread:.4f} ({t_spread / t_compact:.1f}x)")
+        print(f"| {name} | {len(spread)} | " + " | ".join(cells) + " |", flush=True)
+
+
+def bulk_table(args: argparse.Namespace) -> None:
+    """Rattled bulk Cu of growing size: every backend and reference side by side."""
     header = "| cutoff | atoms | edges | " + " | ".join(METHODS) + " | mlcalc/vesin raw |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -105,6 +147,26 @@ def main() -> None:
             ratio = times["mlcalc vesin"] / times["vesin raw"] if {"mlcalc vesin", "vesin raw"} <= times.keys() else 0
             shown = "/".join(str(e) for e in sorted(edges))  # one number unless methods disagree
             print(f"| {cutoff:g} | {len(atoms)} | {shown} | " + " | ".join(cells) + f" | {ratio:.1f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 50000])
+    parser.add_argument("--cutoffs", type=float, nargs="+", default=[6.0, 12.0])
+    parser.add_argument("--budget", type=float, default=60.0, help="skip combinations estimated above this (s)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tables", nargs="+", choices=["bulk", "spread"], default=["bulk", "spread"])
+    args = parser.parse_args()
+
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(
+        f"torch {torch.__version__}, vesin {vesin.__version__}, OMP_NUM_THREADS={threads}, "
+        f"torch threads {torch.get_num_threads()}; times in seconds (best of {args.repeats} below 2 s)"
+    )
+    if "bulk" in args.tables:
+        bulk_table(args)
+    if "spread" in args.tables:
+        spread_table(args.repeats)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -12,15 +15,45 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
-from ase.data import chemical_symbols
+from ase.data import atomic_numbers, chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlcalc.checkpoint import load_model
 from mlcalc.graph import AtomGraph, check_cell, radius_graph
 from mlcalc.models.base import MLModel
+from mlcalc.nn.scatter import gather
 from mlcalc.structures import as_atoms
 
 logger = logging.getLogger(__name__)
+
+#: live calculators of this process (their locks are renewed in a forked child)
+_CALCULATORS: weakref.WeakSet[MLCalculator] = weakref.WeakSet()
+#: set once this process has made a calculator (loading, casting or running a model may start torch's OpenMP pool)
+_TORCH_POOL_MAY_EXIST = False
+
+
+def _after_fork_in_child() -> None:
+    """Make a forked child usable: fresh calculator locks and a single torch intra-op thread.
+
+    A child forked after the parent ran torch ops on more than one intra-op thread hangs in its first parallel op
+    (the parent's OpenMP thread pool does not exist in the child). One thread avoids that pool; this changes only
+    the child's own torch setting. A lock held by another parent thread at fork time would never be released in the
+    child, so every calculator gets a new one.
+    """
+    for calc in list(_CALCULATORS):
+        calc._lock = threading.RLock()
+    if _TORCH_POOL_MAY_EXIST and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+def _register_calculator(calc: MLCalculator) -> None:
+    global _TORCH_POOL_MAY_EXIST
+    _TORCH_POOL_MAY_EXIST = True
+    _CALCULATORS.add(calc)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: atoms closer than this (Å) are rejected as unphysical input
 MIN_INTERATOMIC_DISTANCE = 0.1
@@ -34,29 +67,60 @@ DIRECT_FORCES_NOTE = (
     "This checkpoint predicts forces directly (not as -dE/dx): fine for BFGS/FIRE relaxations and thermostatted "
     "MD, but forces are not energy-conserving, so NVE MD drifts and no stress is available."
 )
+NO_STRESS_DIRECT_MESSAGE = (
+    "stress is not available: this checkpoint predicts forces directly (direct_forces=True), so there is no "
+    "energy derivative with respect to strain; relax positions only (no cell filter, no NPT), or use a "
+    "gradient-force checkpoint (direct_forces: False) for stress and cell relaxations"
+)
+_NO_CELL_MESSAGE = "stress needs a 3-D cell (nonzero volume); this structure's cell has rank {rank}"
+QINT_UNTAGGED_MESSAGE = (
+    "GemNet-OC quadruplet interaction is OFF for this structure: no atom carries one of the checkpoint's qint_tags "
+    "%s (all tags: %s), so its quadruplet messages are zero and results differ from a tagged structure. Tag atoms "
+    "as in OC20 before calling the calculator: 0 = fixed sub-surface/bulk, 1 = surface, 2 = adsorbate "
+    "(atoms.set_tags(...)); files read with ase.io.read (CIF, POSCAR, xyz) have all tags 0. Logged once per "
+    "calculator."
+)
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """torch.float32/float64 or the strings 'float32'/'float64' (also 'fp32'/'fp64', 'single'/'double')."""
+def resolve_dtype(dtype: torch.dtype | str | type | np.dtype) -> torch.dtype:
+    """torch.float32/float64, numpy's float32/float64 (type or dtype) or the strings 'float32'/'float64'.
+
+    Strings also accept 'fp32'/'fp64', 'single'/'double' and a 'torch.' prefix.
+    """
     if isinstance(dtype, str):
         table = {
             "float32": torch.float32, "fp32": torch.float32, "single": torch.float32, "float": torch.float32,
             "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
         }
-        key = dtype.lower().removeprefix("torch.")
+        key = dtype.lower().removeprefix("torch.").removeprefix("numpy.").removeprefix("np.")
         if key not in table:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         return table[key]
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        return dtype
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (or numpy's), got {dtype!r}") from None
+    table_np = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+    if np_dtype not in table_np:
+        raise ValueError(f"dtype must be float32 or float64, got numpy {np_dtype}")
+    return table_np[np_dtype]
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """'auto' picks cuda when available, else cpu; anything torch.device accepts otherwise."""
-    if isinstance(device, str) and device == "auto":
+    """'auto' picks cuda when available, else cpu; anything torch.device accepts otherwise ('cpu', 'cuda:1')."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        hint = " (for an NVIDIA GPU write 'cuda')" if str(device).strip().lower().startswith("gpu") else ""
+        raise ValueError(
+            f"unknown device {device!r}{hint}; use 'auto', 'cpu', 'cuda', 'cuda:N' or another torch device name"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch reports no CUDA device; use device='cpu' or 'auto'")
     return dev
@@ -81,20 +145,68 @@ def validate_atoms(atoms: Atoms, max_atomic_number: int = 118) -> None:
     pbc = np.asarray(atoms.pbc, dtype=bool)
     check_cell(np.asarray(atoms.cell.array, dtype=np.float64), pbc, "Atoms")
     if len(atoms) > 1 or pbc.any():
-        import vesin
+        from mlcalc.graph import candidate_pairs
 
-        box = atoms.cell.array if pbc.any() else np.zeros((3, 3))
-        # a cut-off of 1 Å keeps the cell list coarse (a 0.1 Å grid over a slab box would be huge)
-        nl = vesin.NeighborList(cutoff=1.0, full_list=False)
-        i, j, s, d = nl.compute(pos, box, [bool(p) for p in pbc], "ijSd")
-        self_zero = (i == j) & (np.abs(s).sum(axis=1) == 0)
-        close = (d < MIN_INTERATOMIC_DISTANCE) & ~self_zero
+        # the graph room's cluster-aware search (cost follows the atoms, not the box), unfiltered so that exact
+        # duplicates (d = 0) are seen; a 1 Å radius keeps its cells coarse (a 0.1 Å grid over a box would be huge)
+        i, j, s, d = candidate_pairs(pos, atoms.cell.array, pbc, 1.0, include_overlaps=True)
+        close = (d < MIN_INTERATOMIC_DISTANCE) & (i <= j)  # each pair once (both directions are listed)
         if close.any():
-            k = int(np.argmin(np.where(close, d, np.inf)))
+            k = int(np.lexsort((j, i, np.where(close, d, np.inf)))[0])
             raise ValueError(
                 f"atoms {int(i[k])} and {int(j[k])} are {d[k]:.4f} Å apart (image {s[k].tolist()}), closer than "
                 f"{MIN_INTERATOMIC_DISTANCE} Å: the structure is unphysical (duplicated atom?)"
             )
+
+
+def evaluate_model(
+    model: MLModel, graph: AtomGraph, stress: bool = False, create_graph: bool = False
+) -> dict[str, torch.Tensor]:
+    """Denormalised energy (B,) eV, forces (N, 3) eV/Å and, if asked and possible, stress (B, 3, 3) eV/Å³.
+
+    The one force/stress path of mlcalc (the calculator, ``predict`` and training all call it): direct-force models
+    return their force head; gradient models give forces = -dE/dpos and stress = (1/V) dE/dε from a symmetric
+    zero-valued strain ε applied to positions and cell (autograd). Denormalisation as fairchem: energy = raw *
+    std + mean, forces = raw forces * f_std + f_mean. ``graph`` must already be on the model's device and dtype.
+
+    ``create_graph=True`` keeps the autograd graph of every output (training: losses on forces and stress are
+    differentiated with respect to the parameters); inference leaves it False. Training and inference share
+    this one force/stress path, so they cannot drift apart.
+
+    With ``stress``, structures of the batch without a 3-D cell get a meaningless (finite) stress entry: the
+    caller keeps stress only for structures whose cell has rank 3.
+    """
+    m = model
+    e_mean, e_std = m.normalizers.get("energy", (0.0, 1.0))
+    f_mean, f_std = m.normalizers.get("forces", (0.0, 1.0))
+    if m.direct_forces:
+        with torch.set_grad_enabled(create_graph):
+            out = m(graph)
+        return {"energy": out["energy"] * e_std + e_mean, "forces": out["forces"] * f_std + f_mean}
+    with torch.enable_grad():
+        pos = graph.pos.detach().requires_grad_(True)
+        inputs = [pos]
+        if stress:
+            strain = torch.zeros((graph.num_graphs, 3, 3), dtype=pos.dtype, device=pos.device, requires_grad=True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            eye = torch.eye(3, dtype=pos.dtype, device=pos.device)
+            deform = eye + sym
+            pos_s = torch.bmm(pos.unsqueeze(1), gather(deform, graph.batch)).squeeze(1)  # deterministic backward
+            cell_s = torch.bmm(graph.cell, deform)
+            inputs.append(strain)
+        else:
+            pos_s, cell_s = pos, graph.cell
+        g = replace(graph, pos=pos_s, cell=cell_s)
+        raw = m(g)["energy"]
+        grads = torch.autograd.grad(raw.sum(), inputs, allow_unused=True, create_graph=create_graph)
+    dpos = grads[0] if grads[0] is not None else torch.zeros_like(pos)
+    result = {"energy": (raw if create_graph else raw.detach()) * e_std + e_mean, "forces": -dpos * f_std + f_mean}
+    if stress:
+        dstrain = grads[1] if grads[1] is not None else torch.zeros_like(strain)
+        volume = torch.linalg.det(graph.cell).abs()
+        volume = torch.where(volume > 0, volume, torch.ones_like(volume))  # no cell: entry discarded by caller
+        result["stress"] = dstrain * e_std / volume.view(-1, 1, 1)
+    return result
 
 
 class MLCalculator(Calculator):
@@ -108,21 +220,35 @@ class MLCalculator(Calculator):
     Results (ASE units, float64 numpy): energy and free_energy (eV), forces (N, 3) eV/Å, and for models whose
     forces are -dE/dx, stress (Voigt xx yy zz yz xz xy, eV/Å³) from the strain derivative when the cell is 3-D.
     The model is copied when it must change device or dtype, so one model can serve several calculators.
+
+    Structures may be ase.Atoms or pymatgen Structure/Molecule (converted). A checkpoint whose metadata lists
+    ``elements`` (mlcalc files) refuses other elements. One calculator may be shared by several threads (each call
+    is atomic: a result always belongs to the Atoms it was asked for); a child process forked after a calculator
+    was made gets one torch intra-op thread (the parent's OpenMP pool would hang it) and fresh calculator locks.
+
+    Parity with fairchem 1.10 holds for graphs without exact distance ties at the max_neighbors boundary. With
+    such ties (perfect lattices, ideal slabs from ase.build) mlcalc keeps a canonical choice (nearest, then lower
+    source index, then cell offset) where fairchem keeps what its unstable sort returns, so the energies differ.
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress"]
     #: registry names a named calculator accepts (empty: any model)
     model_names: ClassVar[tuple[str, ...]] = ()
     extra_notes: ClassVar[tuple[str, ...]] = ()
+    #: structures per batched graph in ``predict`` unless told otherwise
+    default_batch_size: ClassVar[int] = 32
 
     def __init__(
         self,
         model: MLModel | str | os.PathLike,
         device: torch.device | str = "auto",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | type | np.dtype = torch.float32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._lock = threading.RLock()
+        self._warned_untagged = False
+        _register_calculator(self)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         if isinstance(model, (str, os.PathLike)):
@@ -137,8 +263,9 @@ class MLCalculator(Calculator):
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
         self.implemented_properties = list(model.implemented_properties)
+        self.elements = _metadata_elements(model)
         notes = list(self.extra_notes)
-        if model.direct_forces and self.extra_notes:
+        if model.direct_forces:
             notes.append(DIRECT_FORCES_NOTE)
         self.info: dict[str, Any] = {
             "model": model.registry_name,
@@ -146,6 +273,8 @@ class MLCalculator(Calculator):
             "cutoff": model.cutoff,
             "max_neighbors": model.max_neighbors,
             "direct_forces": model.direct_forces,
+            "elements": sorted(self.elements, key=atomic_numbers.get) if self.elements else None,
+            "max_atomic_number": model.max_elements,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "implemented_properties": list(self.implemented_properties),
@@ -153,16 +282,114 @@ class MLCalculator(Calculator):
             "notes": notes,
         }
 
+    # -- pickling / copying: a lock is per process and per object ------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        _register_calculator(self)
+
     # -- graph ---------------------------------------------------------------------------------------------
     def build_graph(self, atoms: Atoms | list[Atoms]) -> AtomGraph:
-        """The graph the model asks for, on this calculator's device and dtype."""
+        """The graph the model asks for, on this calculator's device and dtype.
+
+        Recentred in float64 before the cast (``AtomGraph.recentered``): positions are wrapped / translated next to
+        the origin with offsets adjusted, so float32 edge vectors do not depend on where the atoms sit (unwrapped
+        trajectories, huge boxes); ``graph.pos`` is therefore not ``atoms.positions``, but forces and stress by
+        autograd are unchanged.
+        """
         m = self.model
-        graph = radius_graph(atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors, dtype=torch.float64)
+        graph = radius_graph(
+            atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors, dtype=torch.float64, recenter=True
+        )
         return graph.to(device=self.device, dtype=self.dtype)
 
     def check_atoms(self, atoms: Atoms) -> None:
-        """ValueError for input the model cannot evaluate (empty, unknown elements, NaN, bad cell, overlaps)."""
+        """ValueError for input the model cannot evaluate (empty, unknown elements, NaN, bad cell, overlaps).
+
+        Elements: the checkpoint's ``elements`` metadata when it has one (mlcalc files), else the model's Z range.
+        """
         validate_atoms(atoms, self.model.max_elements)
+        if self.elements:
+            symbols = np.asarray(atoms.get_chemical_symbols())
+            bad = np.where(~np.isin(symbols, sorted(self.elements)))[0]
+            if bad.size:
+                names = sorted(set(symbols[bad].tolist()), key=atomic_numbers.get)
+                known = sorted(self.elements, key=atomic_numbers.get)
+                raise ValueError(
+                    f"element(s) {', '.join(names)} (atom indices {bad.tolist()[:10]}) not covered by this "
+                    f"checkpoint, which lists elements {known} in its metadata"
+                )
+
+    def _warn_if_untagged(self, atoms: Atoms) -> None:
+        """One warning per calculator when a tag-restricted quadruplet interaction (GemNet-OC) finds no tagged atom."""
+        m = self.model
+        qint_tags = getattr(m, "qint_tags", None)
+        if self._warned_untagged or not getattr(m, "use_quad", False) or qint_tags is None:
+            return
+        wanted = [int(t) for t in torch.as_tensor(qint_tags).flatten().tolist()]
+        tags = np.asarray(atoms.get_tags())
+        if not np.isin(tags, wanted).any():
+            self._warned_untagged = True
+            logger.warning(QINT_UNTAGGED_MESSAGE, wanted, sorted(set(tags.tolist())))
+
+    def _as_input_atoms(self, atoms: Any) -> Atoms | None:
+        """Atoms as given, pymatgen converted; TypeError (state untouched) for anything else."""
+        if atoms is None or isinstance(atoms, Atoms):
+            return atoms
+        try:
+            return as_atoms(atoms)
+        except TypeError:
+            raise TypeError(
+                f"{type(self).__name__} needs an ase.Atoms (or a pymatgen Structure/Molecule, converted), got "
+                f"{type(atoms).__module__}.{type(atoms).__name__}"
+            ) from None
+
+    def _missing_property_message(self, name: str) -> str:
+        if name == "stress" and self.model.direct_forces:
+            return NO_STRESS_DIRECT_MESSAGE
+        if name == "stress":
+            return f"stress is not available from this {self.model.registry_name} model (its forces are not -dE/dx)"
+        return f"{name!r} is not available from this model (it gives {self.implemented_properties})"
+
+    # -- ASE's interface: every call is atomic under the calculator's lock ----------------------------------
+    def get_property(self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True) -> Any:
+        """ASE's get_property, made atomic (state check, compute, result read under one lock).
+
+        Accepts pymatgen structures; a failed calculation leaves no stale atoms/results behind.
+        """
+        atoms = self._as_input_atoms(atoms)
+        if name not in self.implemented_properties:
+            raise PropertyNotImplementedError(self._missing_property_message(name))
+        with self._lock:
+            if atoms is None and self.atoms is None:
+                raise ValueError(f"no structure to evaluate: pass an Atoms object (calc.get_property({name!r}, atoms))")
+            target = atoms if atoms is not None else self.atoms
+            if name == "stress" and target.cell.rank < 3:  # refused before any state changes (cached results stay)
+                raise PropertyNotImplementedError(_NO_CELL_MESSAGE.format(rank=target.cell.rank))
+            try:
+                return super().get_property(name, atoms, allow_calculation)
+            except BaseException:
+                self.atoms = None
+                self.results = {}
+                raise
+
+    def calculation_required(self, atoms: Atoms, properties: Sequence[str]) -> bool:
+        with self._lock:
+            return super().calculation_required(self._as_input_atoms(atoms), properties)
+
+    def reset(self) -> None:
+        # Calculator.__init__ calls reset() before the lock exists
+        lock = self.__dict__.get("_lock")
+        if lock is None:
+            super().reset()
+            return
+        with lock:
+            super().reset()
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """ASE's change detection plus tags (GemNet-OC's quadruplet graph depends on them)."""
@@ -174,38 +401,9 @@ class MLCalculator(Calculator):
         return changes
 
     # -- evaluation ----------------------------------------------------------------------------------------
-    def evaluate(self, graph: AtomGraph, stress: bool = False) -> dict[str, torch.Tensor]:
-        """Denormalised energy (B,) eV, forces (N, 3) eV/Å and, if asked and possible, stress (B, 3, 3) eV/Å³."""
-        m = self.model
-        e_mean, e_std = m.normalizers.get("energy", (0.0, 1.0))
-        f_mean, f_std = m.normalizers.get("forces", (0.0, 1.0))
-        if m.direct_forces:
-            with torch.no_grad():
-                out = m(graph)
-            return {"energy": out["energy"] * e_std + e_mean, "forces": out["forces"] * f_std + f_mean}
-        with torch.enable_grad():
-            pos = graph.pos.detach().requires_grad_(True)
-            inputs = [pos]
-            if stress:
-                strain = torch.zeros((graph.num_graphs, 3, 3), dtype=pos.dtype, device=pos.device, requires_grad=True)
-                sym = 0.5 * (strain + strain.transpose(1, 2))
-                eye = torch.eye(3, dtype=pos.dtype, device=pos.device)
-                deform = eye + sym
-                pos_s = torch.bmm(pos.unsqueeze(1), deform[graph.batch]).squeeze(1)
-                cell_s = torch.bmm(graph.cell, deform)
-                inputs.append(strain)
-            else:
-                pos_s, cell_s = pos, graph.cell
-            g = replace(graph, pos=pos_s, cell=cell_s)
-            raw = m(g)["energy"]
-            grads = torch.autograd.grad(raw.sum(), inputs, allow_unused=True)
-        dpos = grads[0] if grads[0] is not None else torch.zeros_like(pos)
-        result = {"energy": raw.detach() * e_std + e_mean, "forces": -dpos * f_std + f_mean}
-        if stress:
-            dstrain = grads[1] if grads[1] is not None else torch.zeros_like(strain)
-            volume = torch.linalg.det(graph.cell).abs()
-            result["stress"] = dstrain * e_std / volume.view(-1, 1, 1)
-        return result
+    def evaluate(self, graph: AtomGraph, stress: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
+        """``evaluate_model`` with this calculator's model: denormalised energy (B,), forces (N, 3), stress."""
+        return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph)
 
     def calculate(
         self,
@@ -213,46 +411,110 @@ class MLCalculator(Calculator):
         properties: list[str] | None = None,
         system_changes: list[str] = all_changes,
     ) -> None:
+        """Compute energy, free_energy, forces (and stress when available) for ``atoms`` into ``self.results``."""
         properties = properties or ["energy"]
+        atoms = self._as_input_atoms(atoms)
+        for p in properties:
+            if p not in self.implemented_properties:
+                raise PropertyNotImplementedError(self._missing_property_message(p))
+        with self._lock:
+            if atoms is None and self.atoms is None:
+                raise ValueError("no structure to evaluate: pass an Atoms object")
+            try:
+                self._calculate_locked(atoms, properties, system_changes)
+            except BaseException:
+                # Calculator.calculate already stored these atoms: keeping them with the previous results would
+                # hand those results out for this structure later
+                self.atoms = None
+                self.results = {}
+                raise
+
+    def _calculate_locked(self, atoms: Atoms | None, properties: list[str], system_changes: list[str]) -> None:
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         self.check_atoms(atoms)
-        for p in properties:
-            if p not in self.implemented_properties:
-                raise PropertyNotImplementedError(f"{p!r} is not available from this model: {self.info['notes']}")
         want_stress = "stress" in self.implemented_properties and atoms.cell.rank == 3
         if "stress" in properties and not want_stress:
-            raise PropertyNotImplementedError("stress needs a 3-D cell (nonzero volume)")
+            raise PropertyNotImplementedError(_NO_CELL_MESSAGE.format(rank=atoms.cell.rank))
+        self._warn_if_untagged(atoms)
         graph = self.build_graph(atoms)
         out = self.evaluate(graph, stress=want_stress)
         energy = float(out["energy"].double().sum().item())
-        self.results = {
+        results = {
             "energy": energy,
             "free_energy": energy,
             "forces": out["forces"].detach().double().cpu().numpy().copy(),
         }
         if want_stress:
             s = out["stress"][0].detach().double().cpu().numpy()
-            self.results["stress"] = full_3x3_to_voigt_6_stress(s)
+            results["stress"] = full_3x3_to_voigt_6_stress(s)
+        self.results = results
 
-    def predict(self, structures: list[Atoms]) -> list[dict[str, Any]]:
-        """Evaluate several structures (Atoms or pymatgen) in one batched graph; per-structure float64 results."""
-        structures = [as_atoms(s) for s in structures]
+    def predict(self, structures: Iterable[Any], batch_size: int | None = None) -> list[dict[str, Any]]:
+        """Evaluate several structures (Atoms or pymatgen) in batched graphs; per-structure float64 results.
+
+        Args:
+            structures: ase.Atoms or pymatgen Structure/Molecule objects (an empty list gives []).
+            batch_size: structures per batched graph (default ``default_batch_size``); large lists are split.
+
+        Each result holds energy, free_energy, forces and, for gradient-force models and structures with a 3-D
+        cell, stress (also when the batch mixes molecules and bulk cells). All inputs are validated first.
+        """
+        single = isinstance(structures, Atoms) or type(structures).__module__.startswith("pymatgen.")
+        if single or isinstance(structures, (str, bytes)) or not hasattr(structures, "__iter__"):
+            raise TypeError(
+                f"predict takes a list of structures, got {type(structures).__name__}; for one structure use "
+                "predict([structure]) or atoms.calc = calc"
+            )
+        batch_size = self.default_batch_size if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        atoms_list = [self._as_input_atoms(s) for s in structures]
+        for k, a in enumerate(atoms_list):
+            try:
+                self.check_atoms(a)
+            except ValueError as err:
+                raise ValueError(f"structure {k}: {err}") from None
+        results: list[dict[str, Any]] = []
+        with self._lock:
+            for start in range(0, len(atoms_list), batch_size):
+                results.extend(self._predict_batch(atoms_list[start : start + batch_size]))
+        return results
+
+    def _predict_batch(self, structures: list[Atoms]) -> list[dict[str, Any]]:
+        has_cell = [a.cell.rank == 3 for a in structures]
+        stress = "stress" in self.implemented_properties and any(has_cell)
         for a in structures:
-            self.check_atoms(a)
+            self._warn_if_untagged(a)
         graph = self.build_graph(list(structures))
-        stress = "stress" in self.implemented_properties and all(a.cell.rank == 3 for a in structures)
         out = self.evaluate(graph, stress=stress)
         forces = out["forces"].detach().double().cpu().numpy()
+        energies = out["energy"].detach().double().cpu().numpy()
         bounds = np.cumsum([0] + [len(a) for a in structures])
         results = []
         for k in range(len(structures)):
-            e = float(out["energy"][k].double().item())
+            e = float(energies[k])
             r = {"energy": e, "free_energy": e, "forces": forces[bounds[k] : bounds[k + 1]].copy()}
-            if stress:
+            if stress and has_cell[k]:
                 r["stress"] = full_3x3_to_voigt_6_stress(out["stress"][k].detach().double().cpu().numpy())
             results.append(r)
         return results
+
+
+def _metadata_elements(model: MLModel) -> frozenset[str] | None:
+    """The element symbols a checkpoint's metadata lists (mlcalc files: ``elements``), None when it lists none."""
+    listed = (getattr(model, "metadata", None) or {}).get("elements")
+    if not listed:
+        return None
+    symbols = set()
+    for el in listed:
+        if isinstance(el, (int, np.integer)) and 0 < int(el) < len(chemical_symbols):
+            symbols.add(chemical_symbols[int(el)])
+        elif isinstance(el, str) and el in atomic_numbers:
+            symbols.add(el)
+        else:
+            raise ValueError(f"checkpoint metadata lists an unknown element {el!r} in 'elements'")
+    return frozenset(symbols)
 
 
 def _needs_copy(model: MLModel, device: torch.device, dtype: torch.dtype) -> bool:
@@ -272,6 +534,12 @@ class GemNetOCCalculator(MLCalculator):
     are adsorption energies. Direct-force checkpoints (``direct_forces: True``, most released ones) are not
     energy-conserving (fine for BFGS and thermostatted MD, drift in NVE) and have no stress; gradient-force
     checkpoints give forces = -dE/dx and stress.
+
+    Limits of parity and of invariance (as in fairchem): with exact distance ties at the max_neighbors boundary
+    mlcalc's canonical choice of neighbours differs from fairchem's arbitrary one; and because the main graph is
+    symmetrised by keeping edges with source < target and adding their reverses, a graph truncated by
+    max_neighbors depends on the atom order (permuting the atoms of a slab can move the energy by eV with
+    truncation). Quadruplets are built only on atoms whose tag is in ``qint_tags`` (OC20: 1 surface, 2 adsorbate).
     """
 
     model_names = ("gemnet_oc",)
@@ -304,3 +572,40 @@ class SphereNetCalculator(MLCalculator):
     """Periodic SphereNet as an ASE calculator: energy, free_energy, forces = -dE/dx and stress."""
 
     model_names = ("spherenet",)
+
+
+#: the named calculator of each model family (registry name -> class); other models get MLCalculator
+FAMILY_CALCULATORS: tuple[type[MLCalculator], ...] = (
+    GemNetOCCalculator,
+    ESCNCalculator,
+    SCNCalculator,
+    SphereNetCalculator,
+)
+
+
+def calculator_class_for(model_name: str) -> type[MLCalculator]:
+    """The family calculator for a model registry name (``gemnet_oc`` -> GemNetOCCalculator), else MLCalculator."""
+    from mlcalc.models.base import get_model_class
+
+    try:
+        canonical = get_model_class(model_name).registry_name.lower()
+    except ValueError:
+        canonical = model_name.lower()
+    for cls in FAMILY_CALCULATORS:
+        if canonical in {n.lower() for n in cls.model_names}:
+            return cls
+    return MLCalculator
+
+
+def load_calculator(
+    model: MLModel | str | os.PathLike,
+    device: torch.device | str = "auto",
+    dtype: torch.dtype | str | type | np.dtype = torch.float32,
+    **kwargs: Any,
+) -> MLCalculator:
+    """The family calculator (GemNetOCCalculator, ESCNCalculator, ...) for a checkpoint or model, with its notes."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if not isinstance(model, MLModel):
+        raise TypeError(f"model must be an mlcalc MLModel or a checkpoint path, got {type(model).__name__}")
+    return calculator_class_for(model.registry_name)(model, device=device, dtype=dtype, **kwargs)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from mlcalc.graph.geometry import largest_circular_gap, lattice_frames
+from mlcalc.nn.scatter import gather
+
 
 @dataclass
 class AtomGraph:
@@ -52,7 +55,7 @@ class AtomGraph:
         """Cartesian image shifts ``offsets @ cell`` (E, 3) in the dtype of ``pos`` (differentiable in cell)."""
         edge_index = self.edge_index if edge_index is None else edge_index
         cell_offsets = self.cell_offsets if cell_offsets is None else cell_offsets
-        cell = self.cell.to(self.pos.dtype)[self.batch[edge_index[1]]]
+        cell = gather(self.cell.to(self.pos.dtype), self.batch[edge_index[1]])  # deterministic backward
         return torch.bmm(cell_offsets.to(self.pos.dtype).unsqueeze(1), cell).squeeze(1)
 
     def edge_vectors(self, edge_index: Tensor | None = None, cell_offsets: Tensor | None = None) -> Tensor:
@@ -60,7 +63,57 @@ class AtomGraph:
         edge_index = self.edge_index if edge_index is None else edge_index
         cell_offsets = self.cell_offsets if cell_offsets is None else cell_offsets
         shift = self.offset_vectors(edge_index, cell_offsets)
-        return self.pos[edge_index[0]] - self.pos[edge_index[1]] + shift
+        return gather(self.pos, edge_index[0]) - gather(self.pos, edge_index[1]) + shift
+
+    def recentered(self) -> AtomGraph:
+        """The same graph with every structure moved next to the origin; edge vectors unchanged.
+
+        Per structure, in float64 and in the fractional coordinates of its completed cell: along a periodic
+        axis each atom moves by whole lattice vectors n into the cell, cut at the widest empty arc of the
+        structure's wrapped coordinates (so a molecule or slab straddling the cell boundary becomes contiguous);
+        then the structure is translated rigidly so that its extent along every axis is centred on 0. The integer
+        images follow the moves, ``cell_offsets' = S + n_j - n_i``, so every edge vector ``pos[j] + S @ cell -
+        pos[i]`` is unchanged (up to float64 rounding of the absolute coordinates). Translations by lattice
+        vectors and rigid shifts leave energies, -dE/dpos and the strain derivative unchanged, so forces and
+        stress from autograd on the new ``pos`` are those of the input.
+
+        Why: a float32 graph built from absolute coordinates (an unwrapped MD trajectory K cells away, a 1e4 Å
+        box, a slab far from the origin) rounds each coordinate to ~|x| * 6e-8 Å before the edge vectors are
+        formed; after recentring coordinates are at most about the cell (or the structure) in size. Call it on
+        the float64 graph, before casting. Returns a new AtomGraph in the dtype of ``pos`` (differentiable in
+        ``pos``); ``cell`` and everything else are shared.
+        """
+        if self.num_atoms == 0:
+            return replace(self)
+        pos = self.pos.to(torch.float64)
+        full, inv, _ = lattice_frames(self.cell.detach(), self.pbc)
+        batch, n_struct = self.batch, self.num_graphs
+        periodic = self.pbc.to(torch.bool)[batch]
+        single = n_struct == 1
+        frac = pos.detach() @ inv[0] if single else torch.einsum("nk,nke->ne", pos.detach(), inv[batch])
+        image = torch.floor(frac).masked_fill_(~periodic, 0.0)
+        frac = frac - image
+        if bool(self.pbc.any()):  # cut every periodic circle at its widest gap: all axes at once
+            group = (batch[:, None] * 3 + torch.arange(3, device=batch.device)).reshape(-1)
+            _, move = largest_circular_gap(group, frac.reshape(-1), 3 * n_struct)
+            move = move.view(-1, 3) & periodic
+            image -= move.to(image.dtype)
+            frac += move.to(frac.dtype)
+        if single:
+            centre = 0.5 * (frac.amin(dim=0) + frac.amax(dim=0))
+            shift = (image + centre) @ full[0]
+        else:
+            big = torch.finfo(frac.dtype).max
+            idx = batch[:, None].expand(-1, 3)
+            lo = torch.full((n_struct, 3), big, dtype=frac.dtype, device=frac.device).scatter_reduce(
+                0, idx, frac, "amin"
+            )
+            hi = torch.full_like(lo, -big).scatter_reduce(0, idx, frac, "amax")
+            centre = torch.where(hi >= lo, 0.5 * (lo + hi), torch.zeros_like(lo))  # empty structures: 0
+            shift = torch.einsum("nk,nke->ne", image + centre[batch], full[batch])
+        n = image.long()
+        src, dst = self.edge_index
+        return replace(self, pos=(pos - shift).to(self.pos.dtype), cell_offsets=self.cell_offsets + n[src] - n[dst])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AtomGraph:
         """Copy with floating tensors cast to ``dtype`` and everything moved to ``device``."""

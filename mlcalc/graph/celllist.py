@@ -1,108 +1,60 @@
 """Pure-torch cell list: periodic neighbour candidates on any device (GPU included), batched, O(N).
 
-Shared geometry helpers (cell completion, squared pair distances) live here too, so that every backend computes
-the distances it filters on with the same float64 arithmetic and therefore keeps exactly the same pairs.
+Structures are first split into clusters that cannot be neighbours (``mlcalc.graph.clusters``), and each cluster
+is binned over its own extent, so the number of bins follows the atoms, not the empty space between them.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 from torch import Tensor
 
-#: fairchem drops pairs with d² <= 1e-4 Å² (an atom with itself at zero offset, or two overlapping atoms).
-MIN_DISTANCE_SQ = 1e-4
-#: Å added to the cutoff of a candidate search (the exact ``d² <= cutoff²`` test is done on its output).
-SEARCH_MARGIN = 1e-6
+from mlcalc.graph.clusters import Clusters, split_clusters
+from mlcalc.graph.geometry import (  # noqa: F401  (re-exported: the helpers used to live here)
+    MIN_DISTANCE_SQ,
+    SEARCH_MARGIN,
+    complete_cell,
+    pair_distances_sq,
+)
+
 #: upper bound on the bins along one axis (keeps bin keys small for huge, sparse non-periodic extents).
 _MAX_BINS_PER_AXIS = 4096
 #: upper bound on the candidate pairs expanded at once (memory of one chunk ~ 250 bytes per pair).
 _CHUNK_PAIRS = 1 << 20
 
 
-def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """Cell (3, 3) whose periodic rows are those of ``cell`` and whose other rows are an orthonormal complement.
-
-    Only the periodic rows matter for a neighbour search (offsets along other axes are zero); replacing the rest
-    gives an invertible, right-handed cell even for slabs, wires and molecules with zero rows.
-    """
-    out = np.array(cell, dtype=np.float64, copy=True)
-    periodic = [ax for ax in range(3) if pbc[ax]]
-    missing = [ax for ax in range(3) if not pbc[ax]]
-    if not missing:
-        return out
-    if periodic:
-        # right singular vectors beyond the rank of the periodic rows span their orthogonal complement
-        _, _, vt = np.linalg.svd(out[periodic], full_matrices=True)
-        complement = vt[len(periodic) :]
-    else:
-        complement = np.eye(3)
-    out[missing] = complement
-    if np.linalg.det(out) < 0:
-        out[missing[0]] *= -1.0
-    return out
-
-
-def pair_distances_sq(
-    pos: Tensor, cell: Tensor, i: Tensor, j: Tensor, shifts: Tensor, edge_batch: Tensor | None = None
-) -> Tensor:
-    """Squared lengths (E,) of ``pos[j] + S @ cell - pos[i]``, in the dtype of ``pos`` (float64 here).
-
-    cell: (3, 3), or (B, 3, 3) with ``edge_batch`` (E,) giving each pair's structure. Computed per Cartesian
-    component, one IEEE operation at a time in a fixed order, so every backend and device rounds identically;
-    buffers are reused (large temporaries dominate the cost on CPU).
-    """
-    n = i.shape[0]
-    kw = {"dtype": pos.dtype, "device": pos.device}
-    s = [torch.empty(n, **kw).copy_(shifts[:, k]) for k in range(3)]
-    total, v, off, tmp = (torch.zeros(n, **kw), torch.empty(n, **kw), torch.empty(n, **kw), torch.empty(n, **kw))
-    for e in range(3):
-        if edge_batch is None:
-            c = [cell[..., k, e].reshape(()) for k in range(3)]
-        else:
-            c = [cell[:, k, e][edge_batch] for k in range(3)]
-        torch.mul(s[0], c[0], out=off)
-        off.add_(torch.mul(s[1], c[1], out=tmp))
-        off.add_(torch.mul(s[2], c[2], out=tmp))
-        p = pos[:, e].contiguous()
-        torch.index_select(p, 0, j, out=v)
-        v.sub_(torch.index_select(p, 0, i, out=tmp))
-        v.add_(off)
-        total.add_(v.mul_(v))
-    return total
-
-
 def _bin_layout(
-    frac_min: np.ndarray, frac_max: np.ndarray, heights: np.ndarray, pbc: np.ndarray, width: float, reach: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per structure and axis: bin count n, fractional origin, bins per unit fraction, search range r (all (B, 3))."""
-    n_bins = np.ones_like(heights, dtype=np.int64)
-    origin = np.zeros_like(heights)
-    scale = np.ones_like(heights)
-    reach_bins = np.ones_like(heights, dtype=np.int64)
-    for b in range(heights.shape[0]):
-        for ax in range(3):
-            h = heights[b, ax]
-            if pbc[b, ax]:
-                n = int(min(max(math.floor(h / width), 1), _MAX_BINS_PER_AXIS))
-                w = h / n
-                scale[b, ax] = n
-            else:
-                span = frac_max[b, ax] - frac_min[b, ax] if frac_max[b, ax] >= frac_min[b, ax] else 0.0  # no atoms
-                extent = span * h
-                w = max(width, extent / (_MAX_BINS_PER_AXIS - 1))
-                n = int(math.floor(extent / w)) + 1
-                origin[b, ax] = frac_min[b, ax]
-                scale[b, ax] = h / w
-            n_bins[b, ax] = n
-            reach_bins[b, ax] = max(int(math.ceil(reach / w)), 1)
+    frac_min: Tensor, frac_max: Tensor, heights: Tensor, pbc: Tensor, width: float, reach: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bins of each cluster (C clusters): count n, fractional origin, bins per unit fraction, search range r.
+
+    frac_min, frac_max: (C, 3) extent of the cluster's fractional coordinates; heights: (C, 3) Å between lattice
+    planes; pbc: (C, 3) bool. Periodic axes: n = floor(height / width) bins over the whole period; other axes:
+    bins at least ``width`` wide over the cluster's extent. All (C, 3): int64, float64, float64, int64.
+    """
+    h = heights
+    n_periodic = torch.floor(h / width).clamp(1, _MAX_BINS_PER_AXIS)
+    extent = (frac_max - frac_min).clamp(min=0.0) * h
+    w_open = torch.clamp(extent / (_MAX_BINS_PER_AXIS - 1), min=width)
+    n_open = torch.floor(extent / w_open) + 1
+    w = torch.where(pbc, h / n_periodic, w_open)
+    n_bins = torch.where(pbc, n_periodic, n_open).long()
+    origin = torch.where(pbc, torch.zeros_like(frac_min), frac_min)
+    scale = torch.where(pbc, n_periodic, h / w_open)
+    reach_bins = torch.ceil(reach / w).clamp(min=1).long()
     return n_bins, origin, scale, reach_bins
 
 
 def cell_list_pairs(
-    pos: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, subdivisions: int = 2
+    pos: Tensor,
+    cell: Tensor,
+    pbc: Tensor,
+    batch: Tensor,
+    cutoff: float,
+    subdivisions: int = 2,
+    *,
+    include_overlaps: bool = False,
+    clusters: Clusters | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """All pairs (target i, source j, integer image S of j) with 1e-4 Å² < |pos[j] + S@cell - pos[i]|² <= cutoff².
 
@@ -111,10 +63,15 @@ def cell_list_pairs(
         cell: (B, 3, 3) float64 cell rows; pbc: (B, 3) bool; batch: (N,) structure index of each atom.
         cutoff: radius in Å.
         subdivisions: bins per cutoff length (2: bins >= cutoff/2 wide, 125 neighbour bins, fewer candidates).
+        include_overlaps: keep pairs closer than 0.01 Å too (exact duplicates at d = 0 included); only an atom
+            with itself at zero image is dropped.
+        clusters: the decomposition of ``split_clusters(pos, cell, pbc, batch, cutoff + SEARCH_MARGIN)`` if the
+            caller already has it.
 
-    Returns i, j (E,) int64 global atom indices (i non-decreasing), S (E, 3) int64 and the squared distances d2
-    (E,) float64 (``pair_distances_sq``), on the device of ``pos``.
-    Positions are wrapped into the cell only to assign bins; pair geometry is always recomputed from ``pos``.
+    Returns i, j (E,) int64 global atom indices, S (E, 3) int64 and the squared distances d2 (E,) float64
+    (``pair_distances_sq`` of ``pos``, in the frame of the input positions), on the device of ``pos``.
+    Each cluster is binned over its own extent (positions wrapped or unrolled only to assign bins); pair geometry
+    is always recomputed from ``pos``.
     """
     device = pos.device
     num_atoms = pos.shape[0]
@@ -122,44 +79,30 @@ def cell_list_pairs(
     nothing = empty, empty, torch.zeros((0, 3), dtype=torch.long, device=device), pos.new_zeros(0)
     if num_atoms == 0:
         return nothing
-    cell_np = cell.detach().cpu().numpy().astype(np.float64)
-    pbc_np = pbc.detach().cpu().numpy().astype(bool)
-    n_struct = cell_np.shape[0]
-    full = np.stack([complete_cell(cell_np[b], pbc_np[b]) for b in range(n_struct)])
-    inv = np.linalg.inv(full)  # frac = pos @ inv; column e of inv is the reciprocal vector of axis e
-    heights = 1.0 / np.linalg.norm(inv, axis=1)  # (B, 3) distance between lattice planes
-    inv_t = torch.as_tensor(inv, device=device)
-    pbc_t = pbc.to(device=device, dtype=torch.bool)
-
-    frac = torch.einsum("nk,nke->ne", pos, inv_t[batch])
-    wrap = torch.where(pbc_t[batch], torch.floor(frac), torch.zeros_like(frac))
-    frac = frac - wrap
-    wrap = wrap.long()
-    big = torch.finfo(frac.dtype).max
-    fmin = torch.full((n_struct, 3), big, dtype=frac.dtype, device=device)
-    fmax = torch.full((n_struct, 3), -big, dtype=frac.dtype, device=device)
-    idx3 = batch[:, None].expand(-1, 3)
-    fmin = fmin.scatter_reduce(0, idx3, frac, "amin").cpu().numpy()
-    fmax = fmax.scatter_reduce(0, idx3, frac, "amax").cpu().numpy()
     reach = cutoff + SEARCH_MARGIN
-    n_bins, origin, scale, reach_bins = _bin_layout(fmin, fmax, heights, pbc_np, reach / subdivisions, reach)
-    bins_per_struct = n_bins.prod(axis=1)
-    base = np.concatenate([[0], np.cumsum(bins_per_struct)[:-1]])
-    if int(bins_per_struct.sum()) >= 2**62:
+    if clusters is None:
+        clusters = split_clusters(pos, cell, pbc, batch, reach)
+    label, frac, wrap = clusters.label, clusters.frac, clusters.image
+    c_pbc = clusters.pbc
+    n_clusters = clusters.num_clusters
+    big = torch.finfo(frac.dtype).max
+    idx3 = label[:, None].expand(-1, 3)
+    fmin = torch.full((n_clusters, 3), big, dtype=frac.dtype, device=device).scatter_reduce(0, idx3, frac, "amin")
+    fmax = torch.full((n_clusters, 3), -big, dtype=frac.dtype, device=device).scatter_reduce(0, idx3, frac, "amax")
+    heights = clusters.heights[clusters.structure]
+    n_t, origin, scale, reach_t = _bin_layout(fmin, fmax, heights, c_pbc, reach / subdivisions, reach)
+    bins_per_cluster = n_t.prod(dim=1)
+    base_t = torch.cumsum(bins_per_cluster, 0) - bins_per_cluster
+    if float(bins_per_cluster.double().sum()) >= 2.0**62:
         raise ValueError("too many cell-list bins; the structures are too large for the torch backend")
 
-    n_t = torch.as_tensor(n_bins, device=device)
-    base_t = torch.as_tensor(base, device=device)
-    reach_t = torch.as_tensor(reach_bins, device=device)
-    coords = torch.floor(
-        (frac - torch.as_tensor(origin, device=device)[batch]) * torch.as_tensor(scale, device=device)[batch]
-    )
-    coords = torch.minimum(coords.long().clamp(min=0), n_t[batch] - 1)
-    key = _bin_key(coords, n_t[batch], base_t[batch])
+    coords = torch.floor((frac - origin[label]) * scale[label])
+    coords = torch.minimum(coords.long().clamp(min=0), n_t[label] - 1)
+    key = _bin_key(coords, n_t[label], base_t[label])
     order = torch.argsort(key)
     sorted_key = key[order]
 
-    rmax = reach_bins.max(axis=0)
+    rmax = reach_t.amax(dim=0).tolist()
     axes = [torch.arange(-r, r + 1, device=device) for r in rmax]
     disp = torch.cartesian_prod(*axes).reshape(-1, 3)  # (K, 3)
     n_disp = disp.shape[0]
@@ -168,19 +111,22 @@ def cell_list_pairs(
     rows_per_chunk = max(1, _CHUNK_PAIRS // n_disp)
     for lo in range(0, num_atoms, rows_per_chunk):
         rows = torch.arange(lo, min(lo + rows_per_chunk, num_atoms), device=device)
-        b = batch[rows]
+        c = label[rows]
         nb = coords[rows, None, :] + disp[None]  # (m, K, 3) neighbour bins before wrapping
-        n_row = n_t[b][:, None, :]
-        periodic = pbc_t[b][:, None, :]
-        valid = (disp.abs()[None] <= reach_t[b][:, None, :]).all(-1)
+        n_row = n_t[c][:, None, :]
+        periodic = c_pbc[c][:, None, :]
+        valid = (disp.abs()[None] <= reach_t[c][:, None, :]).all(-1)
         valid &= (periodic | ((nb >= 0) & (nb < n_row))).all(-1)
         image = torch.where(periodic, torch.div(nb, n_row, rounding_mode="floor"), torch.zeros_like(nb))
         nb = nb - image * n_row
-        nkey = _bin_key(nb.clamp(min=0), n_row, base_t[b][:, None])
+        nkey = _bin_key(nb.clamp(min=0), n_row, base_t[c][:, None])
         start = torch.searchsorted(sorted_key, nkey.reshape(-1))
         stop = torch.searchsorted(sorted_key, nkey.reshape(-1), right=True)
         count = torch.where(valid.reshape(-1), stop - start, torch.zeros_like(start))
-        _expand_chunk(pos, cell, batch, wrap, order, rows, n_disp, image.reshape(-1, 3), start, count, cutoff_sq, out)
+        _expand_chunk(
+            pos, cell, batch, wrap, order, rows, n_disp, image.reshape(-1, 3), start, count, cutoff_sq,
+            include_overlaps, out,
+        )  # fmt: skip
     if not out[0]:
         return nothing
     return tuple(torch.cat(parts) for parts in out)
@@ -203,6 +149,7 @@ def _expand_chunk(
     start: Tensor,
     count: Tensor,
     cutoff_sq: float,
+    include_overlaps: bool,
     out: list[list[Tensor]],
 ) -> None:
     """Expand (row, neighbour bin) queries into pairs, in slices of at most ``_CHUNK_PAIRS``, keep those in range."""
@@ -229,6 +176,9 @@ def _expand_chunk(
         d2 = (
             pair_distances_sq(pos, cell[0], i, j, s) if single_cell else pair_distances_sq(pos, cell, i, j, s, batch[i])
         )
-        keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= cutoff_sq)
+        if include_overlaps:
+            keep = (d2 <= cutoff_sq) & ((i != j) | s.any(dim=1))
+        else:
+            keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= cutoff_sq)
         for parts, values in zip(out, (i, j, s, d2), strict=True):
             parts.append(values[keep])

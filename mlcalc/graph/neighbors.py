@@ -15,13 +15,9 @@ from ase import Atoms
 from torch import Tensor
 
 from mlcalc.graph.atomgraph import AtomGraph
-from mlcalc.graph.celllist import (
-    MIN_DISTANCE_SQ,
-    SEARCH_MARGIN,
-    cell_list_pairs,
-    complete_cell,
-    pair_distances_sq,
-)
+from mlcalc.graph.celllist import cell_list_pairs
+from mlcalc.graph.clusters import Clusters, is_sparse, split_clusters
+from mlcalc.graph.geometry import MIN_DISTANCE_SQ, SEARCH_MARGIN, complete_cell, pair_distances_sq
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +27,11 @@ MIN_DISTANCE = 0.01
 NONSTRICT_TOLERANCE = 0.01
 #: candidate-search backends accepted by ``radius_graph``.
 BACKENDS = ("auto", "vesin", "torch")
+#: above this many clusters to search, the vesin backend hands the batch to the torch cell list (one vectorised
+#: pass instead of one vesin call per cluster; the pairs are the same).
+_VESIN_MAX_CLUSTERS = 64
+#: ... and when a cluster periodic along some axes spans more than this many radii along another.
+_VESIN_MAX_OPEN_SPAN = 64
 
 
 def check_cell(cell: np.ndarray, pbc: np.ndarray, label: str = "structure") -> None:
@@ -54,39 +55,122 @@ def check_cell(cell: np.ndarray, pbc: np.ndarray, label: str = "structure") -> N
             raise ValueError(f"{label}: the periodic cell vectors are linearly dependent (degenerate cell)")
 
 
-def _vesin_pairs(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One structure with vesin: i, j (E,) int64, S (E, 3) int32, d2 (E,) float64 with 1e-4 < d2 <= cutoff²."""
+def _vesin_group(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, reach: float) -> tuple[Tensor, ...]:
+    """vesin's full list of one group of atoms within ``reach``: i, j (E,) int64 local indices, S (E, 3) int64."""
+    return tuple(torch.from_numpy(a) for a in _vesin_group_np(positions, cell, pbc, reach))
+
+
+def _vesin_group_np(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, reach: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_vesin_group`` as numpy arrays."""
     import vesin
 
-    pos = np.ascontiguousarray(positions, dtype=np.float64)
-    if len(pos) == 0:
-        empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, torch.zeros((0, 3), dtype=torch.int32), torch.zeros(0, dtype=torch.float64)
     box = complete_cell(cell, pbc) if pbc.any() else np.zeros((3, 3))
-    nl = vesin.NeighborList(cutoff=float(cutoff) + SEARCH_MARGIN, full_list=True)
-    i, j, shifts = nl.compute(pos, box, [bool(p) for p in pbc], "ijS", copy=False)
-    i = torch.from_numpy(i.astype(np.int64))
-    j = torch.from_numpy(j.astype(np.int64))
-    shifts = torch.from_numpy(np.array(shifts, dtype=np.int32).reshape(-1, 3))
-    d2 = pair_distances_sq(torch.from_numpy(pos), torch.from_numpy(np.asarray(cell, dtype=np.float64)), i, j, shifts)
-    keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
+    nl = vesin.NeighborList(cutoff=float(reach), full_list=True)
+    i, j, shifts = nl.compute(np.ascontiguousarray(positions), box, [bool(p) for p in pbc], "ijS", copy=False)
+    return i.astype(np.int64), j.astype(np.int64), np.array(shifts, dtype=np.int64).reshape(-1, 3)
+
+
+def _long_mixed_cluster(clusters: Clusters, reach: float) -> bool:
+    """Whether a cluster periodic along some axis spans more than ``_VESIN_MAX_OPEN_SPAN`` x reach along another
+    (vesin's cost grows with the square of that span; the torch cell list's does not)."""
+    mixed = clusters.pbc.any(dim=1) & ~clusters.pbc.all(dim=1) & (clusters.size > _VESIN_MAX_OPEN_SPAN)
+    if not bool(mixed.any()):
+        return False
+    x = clusters.frac * clusters.heights[clusters.structure[clusters.label]]
+    idx = clusters.label[:, None].expand(-1, 3)
+    lo = torch.full((clusters.num_clusters, 3), float("inf"), dtype=x.dtype).scatter_reduce(0, idx, x, "amin")
+    hi = torch.full_like(lo, float("-inf")).scatter_reduce(0, idx, x, "amax")
+    span = (hi - lo).masked_fill(clusters.pbc, 0.0).amax(dim=1)
+    return bool((span[mixed] > _VESIN_MAX_OPEN_SPAN * reach).any())
+
+
+def _vesin_pairs(
+    pos: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, include_overlaps: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pairs of a batch on the CPU with vesin, one call per structure or, for sparse structures, per cluster.
+
+    pos (N, 3) float64, cell (B, 3, 3) float64, pbc (B, 3) bool, batch (N,) int64, all on the CPU. Returns i, j
+    (E,) int64 global indices, S (E, 3) int64 (frame of ``pos``), d2 (E,) float64 with d2 <= cutoff² and
+    d2 > 1e-4 Å² (``include_overlaps``: every pair except an atom with itself at zero image). Sparse structures
+    (atoms far apart, huge boxes) are split by ``split_clusters`` first; above ``_VESIN_MAX_CLUSTERS`` clusters
+    the torch cell list does the search in one vectorised pass (same pairs).
+    """
+    reach = float(cutoff) + SEARCH_MARGIN
+    clusters = split_clusters(pos, cell, pbc, batch, reach) if is_sparse(pos, cell, pbc, batch, reach) else None
+    pbc_np, cell_np, pos_np = pbc.numpy(), cell.numpy(), pos.numpy()
+    parts = []
+    if clusters is not None and clusters.split:
+        searched = torch.nonzero((clusters.size >= 2) | clusters.pbc.any(dim=1)).squeeze(1)
+        if searched.numel() > _VESIN_MAX_CLUSTERS or _long_mixed_cluster(clusters, reach):
+            return cell_list_pairs(pos, cell, pbc, batch, cutoff, include_overlaps=include_overlaps, clusters=clusters)
+        frame = (pos - torch.einsum("nk,nke->ne", clusters.image.to(pos.dtype), cell[batch])).numpy()
+        members = torch.argsort(clusters.label, stable=True)
+        first = (torch.cumsum(clusters.size, 0) - clusters.size).tolist()
+        sizes, structure, c_pbc = clusters.size.tolist(), clusters.structure.tolist(), clusters.pbc.numpy()
+        for c in searched.tolist():
+            atoms = members[first[c] : first[c] + sizes[c]]
+            li, lj, ls = _vesin_group(frame[atoms.numpy()], cell_np[structure[c]], c_pbc[c], reach)
+            parts.append((atoms[li], atoms[lj], ls))
+    else:  # one vesin call per structure, on the input positions
+        bounds = np.cumsum(np.bincount(batch.numpy(), minlength=cell.shape[0])).tolist()
+        for b, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
+            if hi > lo:
+                li, lj, ls = _vesin_group(pos_np[lo:hi], cell_np[b], pbc_np[b], reach)
+                parts.append((li + lo, lj + lo, ls) if lo else (li, lj, ls))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros((0, 3), dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    i, j, shifts = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts, strict=True))
+    if clusters is not None and clusters.split:  # back to the frame of the input positions
+        shifts = shifts + clusters.image[i] - clusters.image[j]
+    if cell.shape[0] == 1:
+        d2 = pair_distances_sq(pos, cell[0], i, j, shifts)
+    else:
+        d2 = pair_distances_sq(pos, cell, i, j, shifts, batch[i])
+    if include_overlaps:
+        keep = (d2 <= float(cutoff) ** 2) & ((i != j) | shifts.any(dim=1))
+    else:
+        keep = (d2 > MIN_DISTANCE_SQ) & (d2 <= float(cutoff) ** 2)
     if bool(keep.all()):
         return i, j, shifts, d2
     return i[keep], j[keep], shifts[keep], d2[keep]
 
 
 def candidate_pairs(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float, *, include_overlaps: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (target i, source j, integer shift S) with 0.01 Å < |r_j + S@cell - r_i| <= cutoff (one structure).
 
-    vesin cell list (O(N), any cell shape, cells smaller than the cutoff, atoms outside the cell).
-    Returns numpy arrays i (E,), j (E,), S (E, 3) int64 and the float64 distances d (E,), in vesin's order.
+    Args:
+        positions: (N, 3) Å; cell: (3, 3) rows, Å; pbc: (3,) bool; cutoff: Å.
+        include_overlaps: also keep pairs closer than 0.01 Å, exact duplicates at d = 0 included (only an atom
+            with itself at zero shift is left out): what input validation needs.
+
+    vesin cell list (O(N), any cell shape, cells smaller than the cutoff, atoms outside the cell); sparse
+    structures are split into clusters first, so the cost does not grow with the empty space between atoms.
+    Returns numpy arrays i (E,), j (E,), S (E, 3) int64 and the float64 distances d (E,), in no particular order
+    (both directions of every pair). Raises ValueError for a non-positive cutoff.
     """
-    i, j, s, d2 = _vesin_pairs(positions, np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool), cutoff)
-    return i.numpy(), j.numpy(), s.long().numpy(), d2.sqrt().numpy()
+    if not np.isfinite(cutoff) or cutoff <= 0:
+        raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
+    pos = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    reach = float(cutoff) + SEARCH_MARGIN
+    if is_sparse(pos, cell[None], pbc[None], None, reach):
+        batch = torch.zeros(len(pos), dtype=torch.long)
+        tensors = (torch.from_numpy(pos), torch.from_numpy(cell[None]), torch.from_numpy(pbc[None]))
+        i, j, s, d2 = (t.numpy() for t in _vesin_pairs(*tensors, batch, cutoff, include_overlaps))
+        return i, j, s, np.sqrt(d2)
+    i, j, s = _vesin_group_np(pos, cell, pbc, reach)  # compact: one vesin call, distances in numpy
+    d = np.sqrt((((pos[j] - pos[i]) + s @ cell) ** 2).sum(axis=1))
+    if include_overlaps:
+        keep = (d <= cutoff) & ((i != j) | s.any(axis=1))
+    else:
+        keep = (d > MIN_DISTANCE) & (d <= cutoff)
+    return i[keep], j[keep], s[keep], d[keep]
 
 
 def _check_max_neighbors(max_neighbors: int | None) -> None:
@@ -211,6 +295,7 @@ def radius_graph(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     backend: str = "auto",
+    recenter: bool = False,
 ) -> AtomGraph:
     """Build the periodic radius graph of one structure or a batch of structures.
 
@@ -224,8 +309,12 @@ def radius_graph(
         dtype, device: of the floating tensors (positions, cell) / of every tensor of the result.
         backend: candidate search; "vesin" (CPU), "torch" (cell list on ``device``), "auto" (vesin on CPU,
             torch elsewhere). Both give identical graphs.
+        recenter: return ``graph.recentered()`` (computed in float64 before the cast to ``dtype``): positions
+            wrapped / translated near the origin, offsets adjusted, every edge vector unchanged. Use it whenever
+            ``dtype`` is float32: edge vectors then keep their float64 accuracy wherever the atoms sit.
 
-    Returns an AtomGraph; edges sorted by target, then distance (then source index and offset).
+    Returns an AtomGraph; edges sorted by target, then distance (then source index and offset). Cost: O(atoms +
+    pairs) whatever the empty space between the atoms (sparse structures are split into independent clusters).
     """
     if not np.isfinite(cutoff) or cutoff <= 0:
         raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
@@ -249,21 +338,17 @@ def radius_graph(
         cell_l.append(cell)
         pbc_l.append(pbc)
     natoms = torch.tensor([len(a) for a in structures], dtype=torch.long)
-    batch = torch.repeat_interleave(torch.arange(len(structures)), natoms).to(device)
-    pos64 = torch.from_numpy(np.concatenate(pos_l, axis=0)).to(device)
-    cell64 = torch.from_numpy(np.stack(cell_l)).to(device)
-    pbc_t = torch.from_numpy(np.stack(pbc_l)).to(device)
-
+    on_cpu = (
+        torch.from_numpy(np.concatenate(pos_l, axis=0)),
+        torch.from_numpy(np.stack(cell_l)),
+        torch.from_numpy(np.stack(pbc_l)),
+        torch.repeat_interleave(torch.arange(len(structures)), natoms),
+    )
+    pos64, cell64, pbc_t, batch = (t.to(device) for t in on_cpu)
     if backend == "torch":
         i, j, shifts, d2 = cell_list_pairs(pos64, cell64, pbc_t, batch, float(cutoff))
     else:
-        parts, offset = [], 0
-        for pos, cell, pbc in zip(pos_l, cell_l, pbc_l, strict=True):
-            pi, pj, ps, pd2 = _vesin_pairs(pos, cell, pbc, cutoff)
-            parts.append((pi + offset, pj + offset, ps, pd2))
-            offset += len(pos)
-        merged = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts, strict=True)]
-        i, j, shifts, d2 = (t.to(device) for t in merged)
+        i, j, shifts, d2 = (t.to(device) for t in _vesin_pairs(*on_cpu, float(cutoff)))
 
     order = _sort_edges(i, d2, j, shifts)
     i, j, shifts, d2 = i[order], j[order], shifts[order], d2[order]
@@ -271,10 +356,10 @@ def radius_graph(
         keep = _select_sorted(i, d2, pos64.shape[0], int(max_neighbors), strict, NONSTRICT_TOLERANCE)
         if not bool(keep.all()):
             i, j, shifts = i[keep], j[keep], shifts[keep]
-    return AtomGraph(
-        pos=pos64.to(dtype),
+    graph = AtomGraph(
+        pos=pos64,
         numbers=torch.tensor(np.concatenate([a.numbers for a in structures]), dtype=torch.long, device=device),
-        cell=cell64.to(dtype),
+        cell=cell64,
         pbc=pbc_t,
         batch=batch,
         natoms=natoms.to(device),
@@ -283,3 +368,6 @@ def radius_graph(
         cell_offsets=shifts.long(),
         cutoff=float(cutoff),
     )
+    if recenter:
+        graph = graph.recentered()
+    return graph if dtype == torch.float64 else graph.to(dtype=dtype)
