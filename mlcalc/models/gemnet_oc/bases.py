@@ -14,6 +14,7 @@ from scipy.special import binom
 from torch import Tensor, nn
 
 from mlcalc.models.gemnet_oc.layers import ScaleFactor, needs_grad
+from mlcalc.nn.geometry import sqrt_one_minus_square
 
 #: attribute name fairchem uses for the cosine basis of CircularBasisLayer (part of state_dict keys)
 COS_BASIS_NAME = "cos\u03c6_basis"
@@ -168,9 +169,11 @@ def real_spherical_harmonics(cos_theta: Tensor, phi: Tensor, num_l: int) -> Tens
 
     Per degree l the order is m = 0, 1, ..., l, -l, ..., -1 (fairchem's layout); m > 0 uses cos(m phi),
     m < 0 uses sin(|m| phi), both times sqrt(2) (-1)^m N_lm P_l|m| with the Condon-Shortley phase in P.
+    sin(theta) = sqrt(1 - cos^2) has an infinite derivative at cos = +-1 (collinear bonds); its derivative is zero
+    where a cosine cannot resolve the angle (``mlcalc.nn.geometry.sqrt_one_minus_square``), values are unchanged.
     """
     z = cos_theta
-    sin_theta = (1 - z**2) ** 0.5
+    sin_theta = sqrt_one_minus_square(z)
     # associated Legendre P[l][m] for 0 <= m <= l
     p: list[list[Tensor | None]] = [[None] * (l_deg + 1) for l_deg in range(num_l)]
     p[0][0] = torch.ones_like(z)

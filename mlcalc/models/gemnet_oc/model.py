@@ -7,8 +7,10 @@ outputs: energy (B,) and, with ``direct_forces``, forces (N, 3) in the dtype of 
 
 Two properties inherited from fairchem (reproduced for parity): the main graph is symmetrised by keeping the
 edges with source index < target index, so when max_neighbors keeps an edge for only one of its two atoms the
-result depends on the atom order; and the quadruplet dihedral angle of collinear edges (exactly symmetric
-lattices) has an ill-defined gradient, so gradient forces there are meaningless (rattle such structures).
+result depends on the atom order; and the quadruplet dihedral angle is undefined where a bond is collinear with
+the b-a axis. There the value is fairchem's (~pi/2) and the derivative zero (``mlcalc.nn.geometry``): exact along
+collinear image chains (a, a + R, a + 2R); where only symmetry makes a row collinear (the layer rows of an ideal
+fcc111 slab) the energy itself jumps when the row bends (~1e-2 eV), and the forces are the symmetric convention.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from mlcalc.models.gemnet_oc.layers import (
 )
 from mlcalc.models.gemnet_oc.output import OutputBlock
 from mlcalc.models.gemnet_oc.scaling import apply_scale_dict, load_gemnet_state, read_scale_file
-from mlcalc.nn.scatter import scatter_mean, scatter_sum
+from mlcalc.nn.geometry import dihedral_angle
+from mlcalc.nn.scatter import gather, scatter_mean, scatter_sum
 
 
 @dataclass
@@ -60,9 +63,8 @@ def _dot_clamped(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _angle(a: Tensor, b: Tensor) -> Tensor:
-    """Angle (rad) between vectors a and b: atan2(max(|a x b|, 1e-9), a . b)."""
-    y = torch.linalg.vector_norm(torch.cross(a, b, dim=-1), dim=-1).clamp(min=1e-9)
-    return torch.atan2(y, torch.sum(a * b, dim=-1))
+    """Angle (rad) between vectors a and b: atan2(max(|a x b|, 1e-9), a . b), finite derivatives at degeneracy."""
+    return dihedral_angle(a, b, floor=1e-9)
 
 
 def _isclose(a: float, b: float) -> bool:
@@ -333,24 +335,24 @@ class GemNetOC(MLModel):
         main, trip = idx.main, idx.trip_e2e
         rad_main = self.radial_basis(main.dist)
         bases: dict[str, Any] = {"rad_main": rad_main}
-        cos_cab = _dot_clamped(main.vector[trip.out], main.vector[trip.in_])
+        cos_cab = _dot_clamped(gather(main.vector, trip.out), gather(main.vector, trip.in_))
         rad_cir, cir = self.cbf_basis_tint(main.dist, cos_cab)
         bases["e2e"] = {"rad": self.mlp_rbf_tint(rad_main), "cir": self.mlp_cbf_tint(rad_cir, cir, sph_agg=trip.agg)}
         if self.use_quad and idx.quad.out.numel() > 0:  # else the quadruplet message is 0 and skipped
             quad, qint = idx.quad, idx.qint
             # d -> b -> a
-            v_ba = qint.vector[quad.triplet_in.out]
-            v_db = main.vector[quad.triplet_in.in_]
+            v_ba = gather(qint.vector, quad.triplet_in.out)
+            v_db = gather(main.vector, quad.triplet_in.in_)
             cos_abd = _dot_clamped(v_ba, v_db)
-            cross_db = torch.cross(v_db, v_ba, dim=-1)[quad.trip_in_to_quad]
+            cross_db = gather(torch.cross(v_db, v_ba, dim=-1), quad.trip_in_to_quad)
             # c -> a <- b
-            v_ca = main.vector[quad.triplet_out.out]
-            v_ba = qint.vector[quad.triplet_out.in_]
+            v_ca = gather(main.vector, quad.triplet_out.out)
+            v_ba = gather(qint.vector, quad.triplet_out.in_)
             cos_cab_q = _dot_clamped(v_ca, v_ba)
-            cross_ca = torch.cross(v_ca, v_ba, dim=-1)[quad.trip_out_to_quad]
+            cross_ca = gather(torch.cross(v_ca, v_ba, dim=-1), quad.trip_out_to_quad)
             dihedral = _angle(cross_ca, cross_db)  # c -> a - b <- d (half angle, parity ignored)
             rad_cir_q, cir_q = self.cbf_basis_qint(qint.dist, cos_abd)
-            rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, cos_cab_q[quad.trip_out_to_quad], dihedral)
+            rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, gather(cos_cab_q, quad.trip_out_to_quad), dihedral)
             bases["qint"] = {
                 "rad": self.mlp_rbf_qint(rad_main),
                 "cir": self.mlp_cbf_qint(rad_cir_q, cir_q, sph_outer=quad.triplet_in.out),
@@ -358,7 +360,7 @@ class GemNetOC(MLModel):
             }
         if self.use_a2e:
             a2ee2a, trip = idx.a2ee2a, idx.trip_a2e
-            cos = _dot_clamped(main.vector[trip.out], a2ee2a.vector[trip.in_])
+            cos = _dot_clamped(gather(main.vector, trip.out), gather(a2ee2a.vector, trip.in_))
             rad_cir, cir = self.cbf_basis_aeint(main.dist, cos)
             bases["a2e"] = {
                 "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a.dist)),
@@ -366,7 +368,7 @@ class GemNetOC(MLModel):
             }
         if self.use_e2a:
             a2ee2a, trip = idx.a2ee2a, idx.trip_e2a
-            cos = _dot_clamped(a2ee2a.vector[trip.out], main.vector[trip.in_])
+            cos = _dot_clamped(gather(a2ee2a.vector, trip.out), gather(main.vector, trip.in_))
             rad_cir, cir = self.cbf_basis_eaint(a2ee2a.dist, cos)
             bases["e2a"] = {
                 "rad": self.mlp_rbf_eaint(rad_main),
@@ -404,7 +406,7 @@ class GemNetOC(MLModel):
         if self.direct_forces:
             f_st = self.out_forces(self.out_mlp_F(torch.cat(xs_f, dim=-1)))  # (E, 1)
             if self.forces_coupled:  # |F_st| = |F_ts|
-                f_st = (f_st + f_st[idx.id_swap]) / 2
+                f_st = (f_st + gather(f_st, idx.id_swap)) / 2
             out["forces"] = scatter_sum(f_st * main.vector, main.dst, graph.num_atoms)
         return out
 
