@@ -167,7 +167,9 @@ def evaluate_model(
     The one force/stress path of mlcalc (the calculator, ``predict`` and training all call it): direct-force models
     return their force head; gradient models give forces = -dE/dpos and stress = (1/V) dE/dε from a symmetric
     zero-valued strain ε applied to positions and cell (autograd). Denormalisation as fairchem: energy = raw *
-    std + mean, forces = raw forces * f_std + f_mean. ``graph`` must already be on the model's device and dtype.
+    std + mean, forces = raw forces * f_std + f_mean; then the per-element references of the model (if any) are
+    added to the energy (sum over atoms of ``model.element_references[Z]``, constant in positions, so forces and
+    stress are unchanged). ``graph`` must already be on the model's device and dtype.
 
     ``create_graph=True`` keeps the autograd graph of every output (training: losses on forces and stress are
     differentiated with respect to the parameters); inference leaves it False. Training and inference share
@@ -179,10 +181,11 @@ def evaluate_model(
     m = model
     e_mean, e_std = m.normalizers.get("energy", (0.0, 1.0))
     f_mean, f_std = m.normalizers.get("forces", (0.0, 1.0))
+    e_ref = _reference_energy(m, graph)
     if m.direct_forces:
         with torch.set_grad_enabled(create_graph):
             out = m(graph)
-        return {"energy": out["energy"] * e_std + e_mean, "forces": out["forces"] * f_std + f_mean}
+        return {"energy": out["energy"] * e_std + e_mean + e_ref, "forces": out["forces"] * f_std + f_mean}
     with torch.enable_grad():
         pos = graph.pos.detach().requires_grad_(True)
         inputs = [pos]
@@ -200,7 +203,8 @@ def evaluate_model(
         raw = m(g)["energy"]
         grads = torch.autograd.grad(raw.sum(), inputs, allow_unused=True, create_graph=create_graph)
     dpos = grads[0] if grads[0] is not None else torch.zeros_like(pos)
-    result = {"energy": (raw if create_graph else raw.detach()) * e_std + e_mean, "forces": -dpos * f_std + f_mean}
+    energy = (raw if create_graph else raw.detach()) * e_std + e_mean + e_ref
+    result = {"energy": energy, "forces": -dpos * f_std + f_mean}
     if stress:
         dstrain = grads[1] if grads[1] is not None else torch.zeros_like(strain)
         volume = torch.linalg.det(graph.cell).abs()
@@ -208,6 +212,26 @@ def evaluate_model(
         result["stress"] = dstrain * e_std / volume.view(-1, 1, 1)
     return result
 
+
+
+def _reference_energy(model: MLModel, graph: AtomGraph) -> torch.Tensor | float:
+    """(B,) sum of the model's per-element energy references over each structure's atoms, or 0.0 without them.
+
+    Raises ValueError naming the elements that have no reference when the model has references for others."""
+    refs = getattr(model, "element_references", None)
+    if not refs:
+        return 0.0
+    table = torch.full((max(max(refs), int(graph.numbers.max())) + 1,), float("nan"), dtype=torch.float64)
+    for z, e in refs.items():
+        table[int(z)] = float(e)
+    per_atom = table.to(graph.numbers.device)[graph.numbers]
+    missing = torch.isnan(per_atom)
+    if bool(missing.any()):
+        zs = sorted({chemical_symbols[int(z)] for z in graph.numbers[missing].tolist()})
+        raise ValueError(f"the checkpoint has no element reference energy for {', '.join(zs)}")
+    total = torch.zeros(graph.num_graphs, dtype=torch.float64, device=graph.numbers.device)
+    total.index_add_(0, graph.batch, per_atom)
+    return total.to(graph.pos.dtype)
 
 class MLCalculator(Calculator):
     """ASE calculator for any mlcalc model.

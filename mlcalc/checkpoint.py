@@ -33,6 +33,8 @@ class CheckpointData:
     state_dict: dict[str, Tensor]
     scale_dict: dict[str, float] | None = None
     normalizers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: per-element energy references (atomic number -> eV) added after denormalisation (mlcalc files)
+    element_references: dict[int, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     source_format: str = "fairchem"
 
@@ -184,6 +186,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
             state_dict=dict(ckpt["state_dict"]),
             normalizers={k: (float(v[0]), float(v[1])) for k, v in ckpt.get("normalizers", {}).items()},
             metadata=dict(ckpt.get("metadata", {})),
+            element_references={int(z): float(e) for z, e in (ckpt.get("element_references") or {}).items()},
             source_format="mlcalc",
         )
     if "state_dict" not in ckpt or "config" not in ckpt:
@@ -238,6 +241,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     else:
         model.load_checkpoint_state(data.state_dict, data.scale_dict)
     model.normalizers = dict(data.normalizers)
+    model.element_references = dict(data.element_references)
     model.metadata = dict(data.metadata)
     model.checkpoint_path = str(path)
     model.eval()
@@ -272,6 +276,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> No
         "hparams": dict(model.hparams),
         "state_dict": state,
         "normalizers": {k: [float(m), float(s)] for k, (m, s) in getattr(model, "normalizers", {}).items()},
+        "element_references": {int(z): float(e) for z, e in (getattr(model, "element_references", {}) or {}).items()},
         "metadata": meta,
     }
     torch.save(payload, Path(path))

@@ -61,6 +61,9 @@ class MLModel(nn.Module):
         super().__init__()
         self.hparams: dict[str, Any] = {}
         self.normalizers: dict[str, tuple[float, float]] = {}
+        #: per-element energy references, atomic number -> eV, added to the denormalised energy (fairchem's
+        #: ``elementrefs`` / a linear reference fitted on the training set); empty = none
+        self.element_references: dict[int, float] = {}
 
     def capture_hparams(self, frame_locals: dict[str, Any]) -> None:
         """Record the constructor arguments (call as ``self.capture_hparams(locals())`` in ``__init__``)."""
