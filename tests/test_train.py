@@ -124,6 +124,7 @@ def test_exported_checkpoint_reproduces_logged_validation(db, trained) -> None:
     exact = get_model_class(data.model_name).from_config(data.hparams).double()
     exact.load_state_dict(data.state_dict)
     exact.normalizers = data.normalizers
+    exact.element_references = data.element_references
     assert _val_maes(db, MLCalculator(exact, device="cpu", dtype="float64")) == pytest.approx(logged, rel=1e-9)
     # mlcalc.load_model keeps float32 weights (as for every checkpoint): equal to float32 rounding
     model = load_model(result.best_model_path)

@@ -92,3 +92,29 @@ def test_relaxation_benchmark_against_the_oracle_matches():
     assert abs(res.energy_error) < 1e-6 and abs(res.structure_error) < 1e-6
     assert res.model_steps == res.reference_steps
     assert set(res.as_dict()) >= {"energy_error", "structure_error", "model_energy"}
+
+
+def test_training_fits_element_energies_and_a_zero_energy_mean():
+    """Energies exactly linear in the composition: the references recover the per-element energies, the energy
+    normaliser's mean becomes 0 (an extensive residual) and its spread is that of the residuals."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mlcalc.train.losses import fit_element_energies, fit_normalizers
+
+    per_element = {1: -1.5, 8: -4.25, 29: -3.0}
+    rng = np.random.default_rng(1)
+    samples = []
+    for _ in range(12):
+        numbers = torch.tensor(rng.choice([1, 8, 29], size=int(rng.integers(2, 9))))
+        energy = sum(per_element[int(z)] for z in numbers) + 0.01 * rng.standard_normal()
+        samples.append(SimpleNamespace(graph=SimpleNamespace(numbers=numbers), energy=energy,
+                                       forces=torch.ones(len(numbers), 3)))
+    refs = fit_element_energies(samples)
+    for z, e in per_element.items():
+        assert refs[z] == pytest.approx(e, abs=0.02)
+    norm = fit_normalizers(samples, direct_forces=True, element_references=refs)
+    assert norm["energy"][0] == 0.0 and 0 < norm["energy"][1] < 0.05
+    plain = fit_normalizers(samples, direct_forces=True)
+    assert plain["energy"][1] > 1.0  # without references the spread is that of the total energies

@@ -14,6 +14,12 @@ Model
         then ``model`` may be omitted (or must name the same model) and ``model_hparams`` must be empty.
     freeze [[]]: fnmatch patterns of parameter names (``"atom_emb.*"``, ``"int_blocks.0.*"``) kept fixed; each pattern
         must match at least one parameter.
+    element_references ["auto"]: "fit" for a new model, "keep" when fine-tuning. "fit": per-element energies
+        (least squares of the training energies on the composition) become ``model.element_references`` (added by
+        the calculator after denormalisation) and the energy normaliser's mean is 0, so the network learns an
+        extensive residual (a per-structure mean would ask identical atoms for different energies in structures
+        of different sizes); "keep": the init checkpoint's; "none": no references (fairchem's OC20 convention: a
+        per-structure mean). Elements seen only in the validation data get a reference of 0.
     normalizers ["fit"]: "fit" (energy mean and scale, force scale from the training set; see ``fit_normalizers``),
         "keep" (the init checkpoint's) or ``{"energy": [mean, std], "forces": [mean, std]}``.
 Data (ASE databases with energy and forces, e.g. from ``mlcalc data``)
@@ -84,6 +90,7 @@ class TrainConfig:
     init_checkpoint: str | None = None
     freeze: list[str] = field(default_factory=list)
     normalizers: Any = "fit"
+    element_references: str = "auto"
     train_select: str = "split=train"
     val_data: str | None = None
     val_select: str = "split=val"
@@ -174,6 +181,10 @@ class TrainConfig:
             raise ValueError("give either model (a registry name, with model_hparams) or init_checkpoint")
         if self.init_checkpoint is not None and self.model_hparams:
             raise ValueError("model_hparams cannot be changed when fine-tuning from init_checkpoint")
+        if self.element_references not in ("auto", "fit", "keep", "none"):
+            raise ValueError(
+                f"element_references must be 'auto', 'fit', 'keep' or 'none', got {self.element_references!r}"
+            )
         if isinstance(self.normalizers, str):
             if self.normalizers not in ("fit", "keep"):
                 raise ValueError(f"normalizers must be 'fit', 'keep' or a dict, got {self.normalizers!r}")

@@ -30,7 +30,15 @@ from mlcalc.train.config import TrainConfig
 from mlcalc.train.data import read_db
 from mlcalc.train.ema import EMA
 from mlcalc.train.logs import EpochLog
-from mlcalc.train.losses import LossSums, accumulate, combine, fit_normalizers, loss_terms, metrics
+from mlcalc.train.losses import (
+    LossSums,
+    accumulate,
+    combine,
+    fit_element_energies,
+    fit_normalizers,
+    loss_terms,
+    metrics,
+)
 from mlcalc.train.schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
@@ -152,11 +160,25 @@ class _Run:
                 unseen,
             )
         if self.state is not None:
+            self.model.element_references = {int(z): float(e) for z, e in self.state["element_references"].items()}
+        elif config.element_references == "fit" or (
+            config.element_references == "auto" and config.init_checkpoint is None
+        ):
+            refs = fit_element_energies(self.train_samples)
+            for z in {int(z) for g in self.val_samples for z in g.graph.numbers.tolist()} - set(refs):
+                refs[z] = 0.0  # seen only in validation: no data to fit it from
+            self.model.element_references = refs
+        elif config.element_references == "none":
+            self.model.element_references = {}
+        logger.info("element references %s", self.model.element_references)
+        if self.state is not None:
             self.model.normalizers = {k: tuple(v) for k, v in self.state["normalizers"].items()}
         elif isinstance(config.normalizers, dict):
             self.model.normalizers = {k: (float(v[0]), float(v[1])) for k, v in config.normalizers.items()}
         elif config.normalizers == "fit":
-            self.model.normalizers = fit_normalizers(self.train_samples, self.model.direct_forces)
+            self.model.normalizers = fit_normalizers(
+                self.train_samples, self.model.direct_forces, self.model.element_references
+            )
         elif not self.model.normalizers:
             raise ValueError(f"normalizers='keep' but {config.init_checkpoint} has no normalizers")
         logger.info("normalizers %s", self.model.normalizers)
@@ -208,6 +230,7 @@ class _Run:
             "hparams": json.loads(json.dumps(self.model.hparams, default=str)),
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "normalizers": {k: [float(m), float(s)] for k, (m, s) in self.model.normalizers.items()},
+            "element_references": {int(z): float(e) for z, e in self.model.element_references.items()},
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,

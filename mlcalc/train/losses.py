@@ -15,10 +15,31 @@ from mlcalc.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def fit_normalizers(samples: Sequence[Sample], direct_forces: bool) -> dict[str, tuple[float, float]]:
+def fit_element_energies(samples: Sequence[Sample]) -> dict[int, float]:
+    """Per-element energies (atomic number -> eV): least squares of the training energies on the composition.
+
+    Raises ValueError for an empty set."""
+    if not samples:
+        raise ValueError("cannot fit element references on an empty training set")
+    numbers = [s.graph.numbers.cpu() for s in samples]
+    elements = sorted({int(z) for n in numbers for z in n.tolist()})
+    column = {z: k for k, z in enumerate(elements)}
+    counts = torch.zeros((len(samples), len(elements)), dtype=torch.float64)
+    for row, n in enumerate(numbers):
+        for z in n.tolist():
+            counts[row, column[int(z)]] += 1
+    energies = torch.tensor([s.energy for s in samples], dtype=torch.float64)
+    refs = torch.linalg.lstsq(counts, energies.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return {z: float(refs[column[z]]) for z in elements}
+
+
+def fit_normalizers(
+    samples: Sequence[Sample], direct_forces: bool, element_references: dict[int, float] | None = None
+) -> dict[str, tuple[float, float]]:
     """Energy and force normalisers ``{"energy": (mean, std), "forces": (0, std)}`` from training samples.
 
-    Energy mean = mean total energy per structure (the calculator adds it once per structure, as fairchem does).
+    Energy mean = mean total energy per structure (the calculator adds it once per structure, as fairchem does), or
+    0 with ``element_references`` (then the spread is that of the energies minus their references).
     Force mean is 0 (a nonzero mean would break rotation equivariance); force std = RMS of the force components.
     Direct-force models: energy std = std of the energies. Gradient models (forces = -dE/dx): the calculator scales
     the energy gradient by the force std, so energy std = force std = the force RMS — one scale keeps forces the
@@ -31,6 +52,11 @@ def fit_normalizers(samples: Sequence[Sample], direct_forces: bool) -> dict[str,
     energies = torch.tensor([s.energy for s in samples], dtype=torch.float64)
     forces = torch.cat([s.forces.detach().double().cpu().reshape(-1) for s in samples])
     e_mean = float(energies.mean())
+    if element_references:  # the references carry the composition; the network learns an extensive residual
+        ref = torch.tensor(
+            [sum(element_references[int(z)] for z in s.graph.numbers.tolist()) for s in samples], dtype=torch.float64
+        )
+        energies, e_mean = energies - ref, 0.0
     f_rms = float(forces.pow(2).mean().sqrt())
     e_std = float(energies.std(unbiased=False)) if direct_forces else f_rms
     if len(samples) == 1 and direct_forces:
