@@ -221,3 +221,15 @@ def test_main_job_relaxes_co_on_pt111_close_to_emt(checkpoint: Path, capsys: pyt
     assert -0.01 <= out["emt_of_model_structure"] - out["emt_energy"] < 0.05
     assert abs(out["model_height"] - out["emt_height"]) < 0.1
     assert abs(out["model_energy"] - out["emt_energy"]) < 0.1  # measured: -0.03 eV
+
+
+def test_readme_first_snippet_runs_as_written(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's first code block, executed from the repository root, relaxes O on Pt(111) to fmax."""
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S)
+    assert snippet is not None
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(snippet.group(1), "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    forces = namespace["slab"].get_forces()
+    assert np.isfinite(forces).all() and np.linalg.norm(forces, axis=1).max() < 0.05
