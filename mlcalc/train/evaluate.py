@@ -19,6 +19,7 @@ from ase.calculators.calculator import Calculator
 from ase.optimize import BFGS
 
 from mlcalc.train.data import labels
+from mlcalc.train.losses import composition_least_squares
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,13 @@ def heldout_errors(calc, structures: Sequence[Atoms], batch_size: int = 16) -> d
     if not structures:
         raise ValueError("heldout_errors needs at least one labelled structure")
     e_err, e_atom_err, f_abs, f_l2 = [], [], [], []
-    for start in range(0, len(structures), batch_size):
-        chunk = list(structures[start : start + batch_size])
-        results = calc.predict(chunk, batch_size=batch_size)
-        for atoms, res in zip(chunk, results, strict=True):
-            energy, forces = labels(atoms)
-            e_err.append(abs(res["energy"] - energy))
-            e_atom_err.append(abs(res["energy"] - energy) / len(atoms))
-            diff = res["forces"] - forces
-            f_abs.append(np.abs(diff).ravel())
-            f_l2.append(np.linalg.norm(diff, axis=1))
+    for atoms, res in zip(structures, calc.predict(structures, batch_size=batch_size), strict=True):
+        energy, forces = labels(atoms)
+        e_err.append(abs(res["energy"] - energy))
+        e_atom_err.append(abs(res["energy"] - energy) / len(atoms))
+        diff = res["forces"] - forces
+        f_abs.append(np.abs(diff).ravel())
+        f_l2.append(np.linalg.norm(diff, axis=1))
     return {
         "energy_mae": float(np.mean(e_err)),
         "energy_per_atom_mae": float(np.mean(e_atom_err)),
@@ -138,18 +136,8 @@ def fit_element_references(calc, structures: Sequence[Atoms], batch_size: int = 
     saved = dict(getattr(model, "element_references", {}) or {})
     model.element_references = {}
     try:
-        residual, counts = [], []
-        elements = sorted({int(z) for a in structures for z in a.numbers})
-        column = {z: k for k, z in enumerate(elements)}
-        for start in range(0, len(structures), batch_size):
-            chunk = list(structures[start : start + batch_size])
-            for atoms, res in zip(chunk, calc.predict(chunk, batch_size=batch_size), strict=True):
-                residual.append(labels(atoms)[0] - res["energy"])
-                row = np.zeros(len(elements))
-                for z in atoms.numbers:
-                    row[column[int(z)]] += 1
-                counts.append(row)
+        results = calc.predict(structures, batch_size=batch_size)
     finally:
         model.element_references = saved
-    refs, *_ = np.linalg.lstsq(np.array(counts), np.array(residual), rcond=None)
-    return {z: float(refs[column[z]]) for z in elements}
+    residual = [labels(atoms)[0] - res["energy"] for atoms, res in zip(structures, results, strict=True)]
+    return composition_least_squares([atoms.numbers.tolist() for atoms in structures], residual)

@@ -15,22 +15,31 @@ from mlcalc.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+def composition_least_squares(numbers: Sequence[Sequence[int]], targets: Sequence[float]) -> dict[int, float]:
+    """Per-element values (atomic number -> value) x minimising sum_s (sum_Z n_Z(s) x_Z - target_s)^2.
+
+    numbers: the atomic numbers of each structure; targets: one value per structure (eV). Only elements that occur
+    get a value. Raises ValueError for an empty set."""
+    if len(numbers) == 0:
+        raise ValueError("cannot fit per-element values on an empty set of structures")
+    elements = sorted({int(z) for n in numbers for z in n})
+    column = {z: k for k, z in enumerate(elements)}
+    counts = torch.zeros((len(numbers), len(elements)), dtype=torch.float64)
+    for row, n in enumerate(numbers):
+        for z in n:
+            counts[row, column[int(z)]] += 1
+    y = torch.tensor([float(t) for t in targets], dtype=torch.float64)
+    refs = torch.linalg.lstsq(counts, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    return {z: float(refs[column[z]]) for z in elements}
+
+
 def fit_element_energies(samples: Sequence[Sample]) -> dict[int, float]:
     """Per-element energies (atomic number -> eV): least squares of the training energies on the composition.
 
     Raises ValueError for an empty set."""
     if not samples:
         raise ValueError("cannot fit element references on an empty training set")
-    numbers = [s.graph.numbers.cpu() for s in samples]
-    elements = sorted({int(z) for n in numbers for z in n.tolist()})
-    column = {z: k for k, z in enumerate(elements)}
-    counts = torch.zeros((len(samples), len(elements)), dtype=torch.float64)
-    for row, n in enumerate(numbers):
-        for z in n.tolist():
-            counts[row, column[int(z)]] += 1
-    energies = torch.tensor([s.energy for s in samples], dtype=torch.float64)
-    refs = torch.linalg.lstsq(counts, energies.unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    return {z: float(refs[column[z]]) for z in elements}
+    return composition_least_squares([s.graph.numbers.tolist() for s in samples], [s.energy for s in samples])
 
 
 def fit_normalizers(
