@@ -140,6 +140,16 @@ def two_torch_threads():
     torch.set_num_threads(old)
 
 
+
+def _join_or_kill(proc) -> bool:
+    """Wait up to WORKER_TIMEOUT_S for a worker process; kill it if it is still running. True if it hung."""
+    proc.join(WORKER_TIMEOUT_S)
+    hung = proc.is_alive()
+    if hung:
+        proc.kill()
+        proc.join()
+    return hung
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_workers_started_after_the_parent_used_the_calculator_do_not_hang(method, two_torch_threads):
     if method not in mp.get_all_start_methods():
@@ -152,11 +162,7 @@ def test_workers_started_after_the_parent_used_the_calculator_do_not_hang(method
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker_energy, args=(calc, 1, queue))
     proc.start()
-    proc.join(WORKER_TIMEOUT_S)
-    hung = proc.is_alive()
-    if hung:
-        proc.kill()
-        proc.join()
+    hung = _join_or_kill(proc)
     assert not hung, f"{method} worker hung in its first torch op (killed after {WORKER_TIMEOUT_S} s)"
     assert proc.exitcode == 0, f"{method} worker exited with {proc.exitcode}"
     status, value, threads = queue.get(timeout=10)
@@ -185,11 +191,7 @@ def test_fork_while_another_thread_is_inside_the_calculator():
     proc = ctx.Process(target=_worker_energy, args=(calc, 2, queue))
     try:
         proc.start()
-        proc.join(WORKER_TIMEOUT_S)
-        hung = proc.is_alive()
-        if hung:
-            proc.kill()
-            proc.join()
+        hung = _join_or_kill(proc)
     finally:
         release.set()
         holder.join()
