@@ -12,6 +12,7 @@ from mlcalc.calculator import (  # noqa: E402
 )
 from mlcalc.checkpoint import load_model, read_checkpoint, save_model  # noqa: E402
 from mlcalc.graph import AtomGraph, radius_graph  # noqa: E402
+from mlcalc.tags import tag_adsorbate_slab  # noqa: E402
 
 __all__ = [
     "AtomGraph",
@@ -26,4 +27,5 @@ __all__ = [
     "radius_graph",
     "read_checkpoint",
     "save_model",
+    "tag_adsorbate_slab",
 ]

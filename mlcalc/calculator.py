@@ -63,6 +63,33 @@ OC20_ENERGY_NOTE = (
     "and gas-phase references of the training data), not DFT total energies; compare energies only between "
     "structures with the same composition and reference."
 )
+OC22_ENERGY_NOTE = (
+    "This checkpoint predicts DFT total energies (OC22 models are trained on total energies), not adsorption "
+    "energies: an adsorption energy needs the clean slab and gas-phase references computed with the same model."
+)
+IS2RE_NOTE = (
+    "Energy-only (IS2RE) checkpoint: it predicts the relaxed energy directly from the initial structure; it has no "
+    "forces (regress_forces: False), so it cannot drive relaxations or MD."
+)
+ENERGY_NOTES = {"adsorption": OC20_ENERGY_NOTE, "total": OC22_ENERGY_NOTE}
+
+
+def energy_kind(model: MLModel) -> str | None:
+    """What a checkpoint's energy is: "adsorption" (OC20, ODAC), "total" (OC22) or None when not known.
+
+    From the registry facts of a checkpoint loaded by name, an mlcalc file's ``energy_kind`` metadata, or a fairchem
+    file's training data format (``oc22_lmdb`` = OC22 total energies; other fairchem files are OC20-style)."""
+    meta = getattr(model, "metadata", None) or {}
+    pre = meta.get("pretrained")
+    if isinstance(pre, dict) and pre.get("energy"):
+        return str(pre["energy"])
+    if meta.get("energy_kind"):
+        return str(meta["energy_kind"])
+    if meta.get("source") == "fairchem":
+        return "total" if "oc22" in str(meta.get("dataset_format") or "").lower() else "adsorption"
+    return None
+
+
 DIRECT_FORCES_NOTE = (
     "This checkpoint predicts forces directly (not as -dE/dx): fine for BFGS/FIRE relaxations and thermostatted "
     "MD, but forces are not energy-conserving, so NVE MD drifts and no stress is available."
@@ -169,7 +196,8 @@ def evaluate_model(
     zero-valued strain ε applied to positions and cell (autograd). Denormalisation as fairchem: energy = raw *
     std + mean, forces = raw forces * f_std + f_mean; then the per-element references of the model (if any) are
     added to the energy (sum over atoms of ``model.element_references[Z]``, constant in positions, so forces and
-    stress are unchanged). ``graph`` must already be on the model's device and dtype.
+    stress are unchanged). Energy-only models (``regress_forces`` False, IS2RE) return the energy alone.
+    ``graph`` must already be on the model's device and dtype.
 
     ``create_graph=True`` keeps the autograd graph of every output (training: losses on forces and stress are
     differentiated with respect to the parameters); inference leaves it False. Training and inference share
@@ -182,6 +210,10 @@ def evaluate_model(
     e_mean, e_std = m.normalizers.get("energy", (0.0, 1.0))
     f_mean, f_std = m.normalizers.get("forces", (0.0, 1.0))
     e_ref = _reference_energy(m, graph)
+    if not getattr(m, "regress_forces", True):  # energy-only (IS2RE) model
+        with torch.set_grad_enabled(create_graph):
+            out = m(graph)
+        return {"energy": out["energy"] * e_std + e_mean + e_ref}
     if m.direct_forces:
         with torch.set_grad_enabled(create_graph):
             out = m(graph)
@@ -289,7 +321,12 @@ class MLCalculator(Calculator):
         self.implemented_properties = list(model.implemented_properties)
         self.elements = _metadata_elements(model)
         notes = list(self.extra_notes)
-        if model.direct_forces:
+        kind = energy_kind(model)
+        if kind in ENERGY_NOTES:
+            notes.append(ENERGY_NOTES[kind])
+        if not getattr(model, "regress_forces", True):
+            notes.append(IS2RE_NOTE)
+        elif model.direct_forces:
             notes.append(DIRECT_FORCES_NOTE)
         self.info: dict[str, Any] = {
             "model": model.registry_name,
@@ -297,6 +334,8 @@ class MLCalculator(Calculator):
             "cutoff": model.cutoff,
             "max_neighbors": model.max_neighbors,
             "direct_forces": model.direct_forces,
+            "energy": kind,
+            "pretrained": (getattr(model, "metadata", None) or {}).get("pretrained", {}).get("name"),
             "elements": sorted(self.elements, key=atomic_numbers.get) if self.elements else None,
             "max_atomic_number": model.max_elements,
             "device": str(self.device),
@@ -374,6 +413,12 @@ class MLCalculator(Calculator):
             ) from None
 
     def _missing_property_message(self, name: str) -> str:
+        if not getattr(self.model, "regress_forces", True):
+            return (
+                f"{name} is not available: this is an energy-only (IS2RE) checkpoint that predicts the relaxed "
+                "energy from the initial structure (regress_forces: False); it has no forces, so it cannot drive a "
+                "relaxation or MD. Use an S2EF checkpoint for forces."
+            )
         if name == "stress" and self.model.direct_forces:
             return NO_STRESS_DIRECT_MESSAGE
         if name == "stress":
@@ -458,17 +503,18 @@ class MLCalculator(Calculator):
         atoms = self.atoms
         self.check_atoms(atoms)
         want_stress = "stress" in self.implemented_properties and atoms.cell.rank == 3
+        missing = [p for p in properties if p not in self.implemented_properties]
+        if missing:
+            raise PropertyNotImplementedError(self._missing_property_message(missing[0]))
         if "stress" in properties and not want_stress:
             raise PropertyNotImplementedError(_NO_CELL_MESSAGE.format(rank=atoms.cell.rank))
         self._warn_if_untagged(atoms)
         graph = self.build_graph(atoms)
         out = self.evaluate(graph, stress=want_stress)
         energy = float(out["energy"].double().sum().item())
-        results = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": out["forces"].detach().double().cpu().numpy().copy(),
-        }
+        results: dict[str, Any] = {"energy": energy, "free_energy": energy}
+        if "forces" in out:
+            results["forces"] = out["forces"].detach().double().cpu().numpy().copy()
         if want_stress:
             s = out["stress"][0].detach().double().cpu().numpy()
             results["stress"] = full_3x3_to_voigt_6_stress(s)
@@ -481,8 +527,9 @@ class MLCalculator(Calculator):
             structures: ase.Atoms or pymatgen Structure/Molecule objects (an empty list gives []).
             batch_size: structures per batched graph (default ``default_batch_size``); large lists are split.
 
-        Each result holds energy, free_energy, forces and, for gradient-force models and structures with a 3-D
-        cell, stress (also when the batch mixes molecules and bulk cells). All inputs are validated first.
+        Each result holds energy, free_energy, forces (not for energy-only IS2RE models) and, for gradient-force
+        models and structures with a 3-D cell, stress (also when the batch mixes molecules and bulk cells). All
+        inputs are validated first.
         """
         single = isinstance(structures, Atoms) or type(structures).__module__.startswith("pymatgen.")
         if single or isinstance(structures, (str, bytes)) or not hasattr(structures, "__iter__"):
@@ -512,13 +559,15 @@ class MLCalculator(Calculator):
             self._warn_if_untagged(a)
         graph = self.build_graph(list(structures))
         out = self.evaluate(graph, stress=stress)
-        forces = out["forces"].detach().double().cpu().numpy()
+        forces = out["forces"].detach().double().cpu().numpy() if "forces" in out else None
         energies = out["energy"].detach().double().cpu().numpy()
         bounds = np.cumsum([0] + [len(a) for a in structures])
         results = []
         for k in range(len(structures)):
             e = float(energies[k])
-            r = {"energy": e, "free_energy": e, "forces": forces[bounds[k] : bounds[k + 1]].copy()}
+            r: dict[str, Any] = {"energy": e, "free_energy": e}
+            if forces is not None:
+                r["forces"] = forces[bounds[k] : bounds[k + 1]].copy()
             if stress and has_cell[k]:
                 r["stress"] = full_3x3_to_voigt_6_stress(out["stress"][k].detach().double().cpu().numpy())
             results.append(r)
@@ -567,7 +616,6 @@ class GemNetOCCalculator(MLCalculator):
     """
 
     model_names = ("gemnet_oc",)
-    extra_notes = (OC20_ENERGY_NOTE,)
 
 
 class ESCNCalculator(MLCalculator):
@@ -578,7 +626,6 @@ class ESCNCalculator(MLCalculator):
     """
 
     model_names = ("escn",)
-    extra_notes = (OC20_ENERGY_NOTE,)
 
 
 class SCNCalculator(MLCalculator):
@@ -589,7 +636,6 @@ class SCNCalculator(MLCalculator):
     """
 
     model_names = ("scn",)
-    extra_notes = (OC20_ENERGY_NOTE,)
 
 
 class SphereNetCalculator(MLCalculator):

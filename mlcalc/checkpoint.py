@@ -174,8 +174,37 @@ def _fairchem_normalizers(ckpt: dict[str, Any], config: dict[str, Any]) -> dict[
     return out
 
 
+def _dataset_format(config: dict[str, Any]) -> str | None:
+    """The training data format a fairchem config names (``trajectory_lmdb``, ``oc22_lmdb``, ``lmdb``, ...)."""
+    task = config.get("task")
+    if isinstance(task, dict) and isinstance(task.get("dataset"), str):
+        return task["dataset"]
+    ds = config.get("dataset")
+    if isinstance(ds, list):
+        ds = ds[0] if ds else None
+    if isinstance(ds, dict):
+        for cand in (ds, ds.get("train")):
+            if isinstance(cand, dict) and isinstance(cand.get("format"), str):
+                return cand["format"]
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
-    """Read a fairchem v1 checkpoint (legacy, new, ``module.`` prefixes, ``scale_dict``) or an mlcalc file."""
+    """Read a fairchem v1 checkpoint (legacy, new, ``module.`` prefixes, ``scale_dict``) or an mlcalc file.
+
+    ``path`` may also be a released checkpoint name (``mlcalc.pretrained.available()``): its cached file is used,
+    downloaded first when missing. Raises FileNotFoundError for a missing file that is not a registry name.
+    """
+    from mlcalc import pretrained
+
+    path, entry = pretrained.resolve(path)
+    data = _read_checkpoint_file(path)
+    if entry is not None:
+        data.metadata["pretrained"] = entry.as_dict()
+    return data
+
+
+def _read_checkpoint_file(path: Path) -> CheckpointData:
     ckpt = _load_weights_only(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
@@ -209,6 +238,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
         logger.info("ignoring scale_file %r (not present; scale factors are taken from the checkpoint)", scale_file)
     metadata = {
         "source": "fairchem",
+        "dataset_format": _dataset_format(config),
         "trainer": config.get("trainer"),
         "task": config.get("task"),
         "epoch": ckpt.get("epoch"),
@@ -226,13 +256,20 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Build the model a checkpoint describes and load its weights and normalisers (CPU, float32 weights).
 
+    ``path``: a checkpoint file (fairchem v1 or mlcalc) or a released checkpoint name such as
+    ``"GemNet-OC-S2EF-OC20-All+MD"`` (``mlcalc.pretrained``: fetched into the cache once, verified on every use).
+
     The model is built without random initialisation (``mlcalc.nn.init.skip_init``): every weight comes from the
     checkpoint (strict loading), so drawing random numbers first would only cost time (2-3 s for GemNet-OC).
     """
+    from mlcalc import pretrained
     from mlcalc.models.base import get_model_class
     from mlcalc.nn.init import skip_init
 
-    data = read_checkpoint(path)
+    path, entry = pretrained.resolve(path)
+    data = _read_checkpoint_file(path)
+    if entry is not None:
+        data.metadata["pretrained"] = entry.as_dict()
     cls = get_model_class(data.model_name)
     with skip_init():
         model = cls.from_config(data.hparams)

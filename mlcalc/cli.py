@@ -66,6 +66,12 @@ def frame_index(text: str) -> str:
     return text
 
 
+CHECKPOINT_HELP = (
+    "fairchem v1 or mlcalc checkpoint file (.pt), or a released checkpoint name such as GemNet-OC-S2EF-OC20-All+MD "
+    "(downloaded once into the cache; `mlcalc pretrained` lists them)"
+)
+
+
 # -- helpers -----------------------------------------------------------------------------------------------------
 def _require_file(path: str, what: str) -> Path:
     p = Path(path)
@@ -76,11 +82,27 @@ def _require_file(path: str, what: str) -> Path:
     return p
 
 
+def _resolve_checkpoint(args: argparse.Namespace) -> None:
+    """A released checkpoint name becomes the path of its cached file (downloaded once); a file must exist."""
+    from mlcalc import pretrained
+
+    if Path(args.checkpoint).exists() or pretrained.lookup(args.checkpoint) is None:
+        if not Path(args.checkpoint).exists() and "/" not in args.checkpoint and not args.checkpoint.endswith(".pt"):
+            raise CLIError(f"no checkpoint file {args.checkpoint!r}, and "
+                           f"{pretrained._unknown_name_message(args.checkpoint)}")
+        _require_file(args.checkpoint, "checkpoint")
+        return
+    try:  # fetch (or verify) now, so a download failure is a one-line error; loading then finds it cached
+        pretrained.get_checkpoint(args.checkpoint, progress=not args.no_progress)
+    except pretrained.DownloadError as err:
+        raise CLIError(str(err)) from None
+
+
 def _check_inputs(args: argparse.Namespace) -> None:
-    """Both files exist and the checkpoint comes first."""
+    """Both files exist (a checkpoint name is fetched into the cache) and the checkpoint comes first."""
     from mlcalc.checkpoint import is_torch_file
 
-    _require_file(args.checkpoint, "checkpoint")
+    _resolve_checkpoint(args)
     _require_file(args.structure, "structure")
     if not is_torch_file(args.checkpoint) and is_torch_file(args.structure):
         raise CLIError(
@@ -107,6 +129,30 @@ def _read_frames(path: str, index: str) -> list:
     if not frames:
         raise CLIError(f"index {index} selects no frame of {path}")
     return frames
+
+
+def _tag_frames(args: argparse.Namespace, frames: list) -> None:
+    """--tag: OC20 tags from geometry (mlcalc.tag_adsorbate_slab), adsorbate from --adsorbate or found."""
+    if not args.tag:
+        if args.adsorbate is not None:
+            raise CLIError("--adsorbate is used with --tag")
+        return
+    from mlcalc.tags import tag_adsorbate_slab
+
+    for k, atoms in enumerate(frames):
+        try:
+            tag_adsorbate_slab(atoms, adsorbate_indices=args.adsorbate)
+        except ValueError as err:
+            raise CLIError(f"--tag, frame {k}: {err}" if len(frames) > 1 else f"--tag: {err}") from None
+        logger.info("frame %d tags: %s", k, atoms.get_tags().tolist())
+
+
+def index_list(text: str) -> list[int]:
+    """argparse type: comma-separated atom indices such as 16,17."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated atom indices such as 16,17, got {text!r}") from None
 
 
 def _output_path(value: str | None, structure: str, suffix: str) -> Path | None:
@@ -172,7 +218,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print what a checkpoint is: model, cutoff, properties, notes, hyperparameters, metadata (JSON)."""
     from mlcalc import read_checkpoint
 
-    _require_file(args.checkpoint, "checkpoint")
+    _resolve_checkpoint(args)
     ck = read_checkpoint(args.checkpoint)
     calc = _calculator(args)
     info = dict(calc.info)
@@ -181,6 +227,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["n_parameters"] = sum(p.numel() for p in calc.model.parameters())
     info["metadata"] = ck.metadata
     print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    """List the released checkpoints, show one's facts, or download one into the cache (--download)."""
+    from mlcalc import pretrained
+
+    if args.name is None:
+        if args.download:
+            raise CLIError("--download needs a checkpoint NAME")
+        rows = [pretrained.info(n) for n in pretrained.available()]
+        width = max(len(r.name) for r in rows)
+        print(f"{'name':<{width}}  family     data          task   energy      forces")
+        for r in rows:
+            print(f"{r.name:<{width}}  {r.family:<9}  {r.data:<12}  {r.task:<5}  {r.energy:<10}  {r.forces}")
+        print(f"cache: {pretrained.default_cache_dir()} ($MLCALC_CACHE)")
+        return 0
+    try:
+        entry = pretrained.info(args.name)
+    except KeyError as err:
+        raise CLIError(err.args[0]) from None
+    facts = entry.as_dict()
+    path = pretrained.cached_path(entry.name)
+    if args.download:
+        try:
+            path = pretrained.get_checkpoint(entry.name, progress=not args.no_progress)
+        except pretrained.DownloadError as err:
+            raise CLIError(str(err)) from None
+    facts["cached"] = str(path) if path.exists() else None
+    print(json.dumps(facts, indent=2))
     return 0
 
 
@@ -194,6 +270,7 @@ def cmd_relax(args: argparse.Namespace) -> int:
 
     _check_inputs(args)
     frames = _read_frames(args.structure, args.index)
+    _tag_frames(args, frames)
     calc = _calculator(args)
     n = len(frames)
     _check_frames(calc, frames)
@@ -262,6 +339,7 @@ def cmd_md(args: argparse.Namespace) -> int:
     frames = _read_frames(args.structure, args.index)
     if len(frames) > 1:
         raise CLIError(f"md runs one structure; index {args.index} selects {len(frames)} frames (use --index N)")
+    _tag_frames(args, frames)
     atoms = frames[0]
     atoms.calc = _calculator(args)
     _check_frames(atoms.calc, frames)
@@ -307,18 +385,25 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The mlcalc argument parser (info, relax, md, data, train)."""
+    """The mlcalc argument parser (info, pretrained, relax, md, data, train)."""
     parser = _Parser(prog="mlcalc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(parser, suppress=False)
-    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="{info,relax,md,data,train}")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser,
+                                metavar="{info,pretrained,relax,md,data,train}")
 
     p = sub.add_parser("info", help="describe a checkpoint")
-    p.add_argument("checkpoint", help="fairchem v1 or mlcalc checkpoint file (.pt)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     _add_common(p, suppress=True)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("pretrained", help="list the released checkpoints, or show/download one by name")
+    p.add_argument("name", nargs="?", help="a registry name (default: list them all)")
+    p.add_argument("--download", action="store_true", help="download NAME into the cache and print its path")
+    _add_common(p, suppress=True)
+    p.set_defaults(func=cmd_pretrained)
+
     p = sub.add_parser("relax", help="BFGS relaxation of a structure file (every frame, or --index)")
-    p.add_argument("checkpoint", help="fairchem v1 or mlcalc checkpoint file (.pt)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("structure", help="structure file ase.io.read can read (extxyz, CIF, POSCAR, traj, ...)")
     p.add_argument("--fmax", type=positive_float, default=0.05, help="eV/Å (default 0.05)")
     p.add_argument("--steps", type=positive_int, default=500, help="maximum BFGS steps per frame")
@@ -327,11 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the relaxed structure(s) here")
     p.add_argument("--trajectory", help="ase trajectory (default STEM-relax.traj; 'none' for none)")
     p.add_argument("--log", help="optimiser log (default STEM-relax.log; 'none' for none)")
+    p.add_argument("--tag", action="store_true",
+                   help="set OC20 tags (0 sub-surface, 1 surface, 2 adsorbate) from geometry before running; "
+                        "GemNet-OC OC20/OC22 checkpoints need them (mlcalc.tag_adsorbate_slab)")
+    p.add_argument("--adsorbate", type=index_list, default=None, metavar="I,J,...",
+                   help="adsorbate atom indices for --tag (default: found from geometry)")
     _add_common(p, suppress=True)
     p.set_defaults(func=cmd_relax)
 
     p = sub.add_parser("md", help="Langevin MD of a structure file")
-    p.add_argument("checkpoint", help="fairchem v1 or mlcalc checkpoint file (.pt)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("structure", help="structure file ase.io.read can read (extxyz, CIF, POSCAR, traj, ...)")
     p.add_argument("--steps", type=positive_int, default=100)
     p.add_argument("--every", type=positive_int, default=10, help="print and write a frame every N steps")
@@ -343,6 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=frame_index, default="-1", help="frame to run (default the last)")
     p.add_argument("--trajectory", help="ase trajectory (default STEM-md.traj; 'none' for none)")
     p.add_argument("--log", help="per-step log: time, energies, T (default STEM-md.log; 'none' for none)")
+    p.add_argument("--tag", action="store_true",
+                   help="set OC20 tags (0 sub-surface, 1 surface, 2 adsorbate) from geometry before running; "
+                        "GemNet-OC OC20/OC22 checkpoints need them (mlcalc.tag_adsorbate_slab)")
+    p.add_argument("--adsorbate", type=index_list, default=None, metavar="I,J,...",
+                   help="adsorbate atom indices for --tag (default: found from geometry)")
     _add_common(p, suppress=True)
     p.set_defaults(func=cmd_md)
 

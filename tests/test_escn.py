@@ -135,7 +135,6 @@ def test_registry_hparams_and_attributes(model) -> None:
         (dict(lmax_list=[4, 3], mmax_list=[2]), "equally long"),
         (dict(distance_function="bessel"), "distance_function"),
         (dict(cutoff=-1.0), "cutoff"),
-        (dict(regress_forces=False), "regress_forces"),
     ],
 )
 def test_bad_hparams(kwargs, match) -> None:

@@ -52,6 +52,8 @@ class MLModel(nn.Module):
     max_neighbors: int | None = None
     strict_max_neighbors: bool = True
     direct_forces: bool = False
+    #: False for energy-only models (IS2RE: relaxed energy from the initial structure; no forces, no stress)
+    regress_forces: bool = True
     #: largest atomic number the model accepts
     max_elements: int = 118
     #: whether forces = -dE/dpos so stress from the strain derivative is meaningful
@@ -98,6 +100,8 @@ class MLModel(nn.Module):
 
     @property
     def implemented_properties(self) -> list[str]:
+        if not self.regress_forces:
+            return ["energy", "free_energy"]
         props = ["energy", "free_energy", "forces"]
         if not self.direct_forces and self.supports_stress:
             props.append("stress")

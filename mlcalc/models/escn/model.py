@@ -50,12 +50,14 @@ class ESCN(MLModel):
         edge_channels: invariant edge feature size; num_sphere_samples: points of the output heads.
         distance_function: "gaussian", "sigmoid", "linearsigmoid" or "silu"; basis_width_scalar,
             distance_resolution (Å): distance basis (cutoff / distance_resolution functions).
-        regress_forces: must be True: forces come from the direct force head (the edge frames are detached, as in
-            fairchem, so -dE/dx of an energy-only eSCN would miss terms).
+        regress_forces: True: forces from the direct force head; False: an energy-only model (IS2RE, e.g. ODAC's
+            ``eSCN-IS2RE-ODAC``) without a force head, whose forces are not available (the edge frames are
+            detached, as in fairchem, so -dE/dx of it would not be its force either).
         resolution: S² grid resolution override (None: fairchem's per-(lmax, mmax) default).
         use_pbc, use_pbc_single, otf_graph, show_timing_info, activation_checkpoint: accepted, ignored.
 
-    forward(graph) -> {"energy": (B,), "forces": (N, 3)} raw (normalised) outputs in the dtype of graph.pos.
+    forward(graph) -> {"energy": (B,), "forces": (N, 3)} raw (normalised) outputs in the dtype of graph.pos
+    (energy only when ``regress_forces`` is False).
     """
 
     direct_forces = True
@@ -105,9 +107,7 @@ class ESCN(MLModel):
         self.cutoff = float(cutoff)
         self.max_neighbors = int(max_neighbors)
         self.strict_max_neighbors = True
-        if not regress_forces:
-            raise ValueError("eSCN: regress_forces=False is not supported (mlcalc's eSCN predicts forces directly)")
-        self.regress_forces = True
+        self.regress_forces = bool(regress_forces)
         self.max_num_elements = int(max_num_elements)
         self.max_elements = self.max_num_elements - 1
         self.num_layers = int(num_layers)
@@ -137,7 +137,8 @@ class ESCN(MLModel):
             for i in range(self.num_layers)
         )
         self.energy_block = EnergyBlock(self.sphere_channels_all, self.num_sphere_samples, self.act)
-        self.force_block = ForceBlock(self.sphere_channels_all, self.num_sphere_samples, self.act)
+        if self.regress_forces:  # energy-only (IS2RE) models have no force head, as in fairchem
+            self.force_block = ForceBlock(self.sphere_channels_all, self.num_sphere_samples, self.act)
 
         # fairchem stores these (fixed) values as parameters, so they are part of its state_dict
         points = sphere_points(self.num_sphere_samples)
@@ -210,5 +211,7 @@ class ESCN(MLModel):
 
         node_energy = self.energy_block(x_pt).view(-1)
         energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) * 0.001
+        if not self.regress_forces:
+            return {"energy": energy}
         forces = self.force_block(x_pt, self.sphere_points.to(dtype))
         return {"energy": energy, "forces": forces}

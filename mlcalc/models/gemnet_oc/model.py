@@ -155,9 +155,10 @@ class GemNetOC(MLModel):
         self.use_e2a = edge_atom_interaction
         self.use_a2a = atom_interaction
         self.direct_forces = direct_forces
+        self.regress_forces = bool(regress_forces)
         self.forces_coupled = forces_coupled
         self.max_elements = num_elements
-        self.supports_stress = not direct_forces
+        self.supports_stress = not direct_forces and self.regress_forces
         self.register_buffer("qint_tags", torch.tensor([0, 1, 2] if qint_tags is None else list(qint_tags)), False)
         self.uses_a2a_graph = atom_edge_interaction or edge_atom_interaction or atom_interaction
         self._set_cutoffs(cutoff, cutoff_qint, cutoff_aeaint, cutoff_aint)
@@ -403,7 +404,7 @@ class GemNetOC(MLModel):
         e_atom = self.out_energy(self.out_mlp_E(torch.cat(xs_e, dim=-1)))  # (N, 1)
         reduce = scatter_sum if self.extensive else scatter_mean
         out = {"energy": reduce(e_atom, graph.batch, graph.num_graphs).squeeze(1)}
-        if self.direct_forces:
+        if self.direct_forces and self.regress_forces:
             f_st = self.out_forces(self.out_mlp_F(torch.cat(xs_f, dim=-1)))  # (E, 1)
             if self.forces_coupled:  # |F_st| = |F_ts|
                 f_st = (f_st + gather(f_st, idx.id_swap)) / 2
