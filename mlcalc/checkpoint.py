@@ -141,7 +141,23 @@ def _as_float(x: Any) -> float:
 
 
 def _fairchem_normalizers(ckpt: dict[str, Any], config: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """Energy/force normalisers from the ``normalizers`` entry (legacy or Normalizer form) or the dataset config."""
+    """Energy/force normalisers from the checkpoint's ``normalizers`` entry (legacy or Normalizer form) only.
+
+    As fairchem 1.10's OCPCalculator (inference-only trainer): the config's ``normalize_labels`` / ``target_mean``
+    values are never used; an empty entry means no normalisation. A file without the entry whose config asks for
+    normalised labels is refused (fairchem raises KeyError on it), since its energies would be on the wrong scale.
+    """
+    if "normalizers" not in ckpt:
+        ds = config.get("dataset") or {}
+        if isinstance(ds, list):
+            ds = ds[0] if ds else {}
+        if isinstance(ds, dict) and isinstance(ds.get("train"), dict):
+            ds = ds["train"]
+        if isinstance(ds, dict) and ds.get("normalize_labels"):
+            raise ValueError(
+                "checkpoint has no 'normalizers' entry although its config trained on normalised labels "
+                "(normalize_labels: True); fairchem 1.10 cannot load it either (KeyError: 'normalizers')"
+            )
     raw = ckpt.get("normalizers") or {}
     out: dict[str, tuple[float, float]] = {}
     for name, legacy in (("energy", "target"), ("forces", "grad_target")):
@@ -152,25 +168,33 @@ def _fairchem_normalizers(ckpt: dict[str, Any], config: dict[str, Any]) -> dict[
         if "mean" not in entry or std is None:
             raise ValueError(f"checkpoint normalizer {name!r} lacks mean/std: keys {sorted(entry)}")
         out[name] = (_as_float(entry["mean"]), _as_float(std))
-    if not out:
-        ds = config.get("dataset") or {}
-        if isinstance(ds, list):
-            ds = ds[0] if ds else {}
-        if isinstance(ds, dict) and isinstance(ds.get("train"), dict):
-            ds = ds["train"]
-        if isinstance(ds, dict) and ds.get("normalize_labels"):
-            if "target_mean" in ds:
-                out["energy"] = (float(ds["target_mean"]), float(ds["target_std"]))
-            if "grad_target_mean" in ds:
-                out["forces"] = (float(ds["grad_target_mean"]), float(ds["grad_target_std"]))
     for name, (mean, std) in out.items():
         if not (math.isfinite(mean) and math.isfinite(std)) or std == 0:
             raise ValueError(f"checkpoint normalizer {name!r} is unusable: mean={mean}, std={std}")
-    if ckpt.get("elementrefs"):
-        raise ValueError(
-            "checkpoint has element references (elementrefs); mlcalc does not apply per-element energy "
-            "references yet, so its energies would be wrong"
-        )
+    return out
+
+
+def _fairchem_element_references(ckpt: dict[str, Any]) -> dict[int, float]:
+    """Per-element energy references of a fairchem >= 1.1 file (``elementrefs``), atomic number -> eV.
+
+    fairchem stores ``{"energy": {"element_references": tensor}}`` (index = atomic number, index 0 unused) and adds
+    ``sum_i refs[Z_i]`` to each structure's energy after denormalisation (``ocp_trainer._denorm_preds``); the
+    values are taken as stored (float32 in fitted files). Older files have no entry (or an empty one): no references.
+    """
+    refs = ckpt.get("elementrefs") or {}
+    out: dict[int, float] = {}
+    for key, state in refs.items():
+        if key != "energy":
+            raise ValueError(
+                f"checkpoint has element references for {key!r}; mlcalc applies them to the energy only"
+            )
+        table = state.get("element_references") if isinstance(state, dict) else None
+        if not isinstance(table, Tensor) or table.dim() != 1:
+            raise ValueError("checkpoint elementrefs['energy'] has no 1-D 'element_references' tensor")
+        values = table.detach().cpu().tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("checkpoint elementrefs['energy'] holds non-finite values")
+        out = {z: float(v) for z, v in enumerate(values) if z >= 1}
     return out
 
 
@@ -249,6 +273,7 @@ def _read_checkpoint_file(path: Path) -> CheckpointData:
         state_dict=strip_module_prefix(ckpt["state_dict"]),
         scale_dict=scale_dict,
         normalizers=_fairchem_normalizers(ckpt, config),
+        element_references=_fairchem_element_references(ckpt),
         metadata=metadata,
     )
 

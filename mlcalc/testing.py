@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
@@ -77,3 +80,56 @@ def translated(atoms: Atoms, shift: np.ndarray) -> Atoms:
     a = atoms.copy()
     a.positions = a.positions + np.asarray(shift)
     return a
+
+
+class LocalFileServer:
+    """A stdlib HTTP server on 127.0.0.1 (free port) serving in-memory files, for download tests and mirrors.
+
+    ``files`` maps URL paths (no leading slash) to bytes; ``requests`` logs the paths asked for; a path in
+    ``truncate`` gets its full Content-Length announced but only half its body (an interrupted download).
+    ``url`` is the base URL to pass as ``base_url`` / ``$MLCALC_PRETRAINED_URL``. Use as a context manager or call
+    ``close()``.
+    """
+
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        self.files: dict[str, bytes] = dict(files or {})
+        self.requests: list[str] = []
+        self.truncate: set[str] = set()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.lstrip("/")
+                owner.requests.append(path)
+                body = owner.files.get(path)
+                if body is None:
+                    self.send_error(404, "not found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if path in owner.truncate:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> LocalFileServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

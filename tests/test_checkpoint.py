@@ -118,3 +118,54 @@ def test_truncated_checkpoint_is_reported_as_unreadable(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
         read_checkpoint(tmp_path / "cut.pt")
+
+
+# ------------------------------------------------------------------------------------------------ fairchem >= 1.1
+def _grad_fixture_with(tmp_path: Path, **changes) -> Path:
+    ckpt = torch.load(DATA / "gemnet_oc_small_grad.pt", weights_only=True)
+    ckpt.update(changes)
+    path = tmp_path / "variant.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_fairchem_elementrefs_are_added_after_denormalisation(tmp_path):
+    """fairchem 1.10 (ocp_trainer._denorm_preds): E = raw * rmsd + mean + sum_i refs[Z_i]; forces and stress
+    unchanged. Oracle: the same file without references (the fairchem fixture) plus the analytic sum."""
+    import ase.io
+
+    from mlcalc import GemNetOCCalculator
+
+    table = torch.zeros(119, dtype=torch.float32)
+    table[1:] = torch.linspace(-3.0, 2.0, 118)
+    path = _grad_fixture_with(tmp_path, elementrefs={"energy": {"element_references": table}})
+    assert read_checkpoint(path).element_references[29] == float(table[29])
+    atoms = ase.io.read(DATA / "structures.extxyz", index=0)
+    with_refs = GemNetOCCalculator(path, device="cpu", dtype="float64")
+    plain = GemNetOCCalculator(DATA / "gemnet_oc_small_grad.pt", device="cpu", dtype="float64")
+    a, b = atoms.copy(), atoms.copy()
+    a.calc, b.calc = with_refs, plain
+    shift = sum(float(table[z]) for z in atoms.numbers)
+    assert a.get_potential_energy() - b.get_potential_energy() == pytest.approx(shift, abs=1e-9)
+    assert np.abs(a.get_forces() - b.get_forces()).max() <= 1e-12
+    assert np.abs(a.get_stress() - b.get_stress()).max() <= 1e-12
+
+
+def test_fairchem_elementrefs_other_targets_are_refused(tmp_path):
+    path = _grad_fixture_with(tmp_path, elementrefs={"forces": {"element_references": torch.zeros(119)}})
+    with pytest.raises(ValueError, match="energy only"):
+        read_checkpoint(path)
+
+
+def test_normalizers_come_from_the_checkpoint_only(tmp_path):
+    """As fairchem's inference-only trainer: config normalize_labels/target_mean are never used; an empty
+    ``normalizers`` entry means none; a missing entry with normalize_labels True is refused (fairchem: KeyError)."""
+    ckpt = torch.load(DATA / "gemnet_oc_small_direct.pt", weights_only=True)
+    assert ckpt["config"]["dataset"]["normalize_labels"]
+    ckpt["normalizers"] = {}
+    torch.save(ckpt, tmp_path / "empty.pt")
+    assert read_checkpoint(tmp_path / "empty.pt").normalizers == {}
+    del ckpt["normalizers"]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="no 'normalizers' entry"):
+        read_checkpoint(tmp_path / "missing.pt")

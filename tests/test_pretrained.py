@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import http.server
 import io
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 import mlcalc
 from mlcalc import pretrained
 from mlcalc.calculator import ESCNCalculator, GemNetOCCalculator, load_calculator
+from mlcalc.testing import LocalFileServer
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["fixtures"]
@@ -87,50 +86,9 @@ def _serialise(ckpt: dict) -> bytes:
     return buf.getvalue()
 
 
-class _Server:
-    """A stdlib HTTP server on 127.0.0.1 (port 0) serving ``files`` {url path: bytes}; counts requests."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        self.truncate: set[str] = set()  # paths whose body is cut short (Content-Length announces more)
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                path = self.path.lstrip("/")
-                server.requests.append(path)
-                body = server.files.get(path)
-                if body is None:
-                    self.send_error(404, "not found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if path in server.truncate:
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def served() -> Iterator[_Server]:
-    server = _Server()
+def served() -> Iterator[LocalFileServer]:
+    server = LocalFileServer()
     for name in pretrained.available():
         entry = pretrained.info(name)
         server.files[entry.path] = _serialise(_fixture_for(entry)[0])
@@ -139,7 +97,7 @@ def served() -> Iterator[_Server]:
 
 
 @pytest.fixture()
-def env(served, tmp_path, monkeypatch) -> _Server:
+def env(served, tmp_path, monkeypatch) -> LocalFileServer:
     """An empty cache in tmp_path, downloads from the local server, a fresh request log."""
     monkeypatch.setenv("MLCALC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLCALC_PRETRAINED_URL", served.url)
