@@ -1,0 +1,1 @@
+"""Adapters that plug mlcalc models into other engines (TorchSim); each needs its own optional extra."""
