@@ -272,6 +272,10 @@ class MLCalculator(Calculator):
         model: an ``MLModel`` instance or the path of a checkpoint (fairchem v1 or mlcalc format).
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
         dtype: torch.float32 (default) or torch.float64 (or the strings); per instance, never global.
+        skin: Å, neighbour reuse for MD and relaxations (0, the default: a fresh graph every call). With skin > 0
+            the candidate pairs within cutoff + skin are kept and reused until an atom has moved skin/2 or the
+            cell, pbc or atoms change (``mlcalc.graph.reuse.NeighborCache``, a Verlet-list skin); the graph and
+            the results are bit-identical to skin=0. 1-2 Å suits MD. ``neighbor_stats`` counts builds and reuses.
 
     Results (ASE units, float64 numpy): energy and free_energy (eV), forces (N, 3) eV/Å, and for models whose
     forces are -dE/dx, stress (Voigt xx yy zz yz xz xy, eV/Å³) from the strain derivative when the cell is 3-D.
@@ -299,9 +303,23 @@ class MLCalculator(Calculator):
         model: MLModel | str | os.PathLike,
         device: torch.device | str = "auto",
         dtype: torch.dtype | str | type | np.dtype = torch.float32,
+        *,
+        skin: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        from mlcalc.graph.reuse import NeighborCache
+
+        skin = float(skin)
+        if not np.isfinite(skin) or skin < 0:
+            raise ValueError(f"skin must be a finite distance >= 0 in Å (0: no neighbour reuse), got {skin}")
         super().__init__(**kwargs)
+        self.skin = skin
+        #: candidate pairs kept between calls (None when skin is 0); graphs of single structures only
+        self.neighbor_cache: NeighborCache | None = NeighborCache(skin) if skin > 0 else None
+        #: {"builds": candidate searches, "reuses": graphs served from stored candidates} for single structures
+        self.neighbor_stats: dict[str, int] = (
+            self.neighbor_cache.stats if self.neighbor_cache is not None else {"builds": 0, "reuses": 0}
+        )
         self._lock = threading.RLock()
         self._warned_untagged = False
         _register_calculator(self)
@@ -363,12 +381,22 @@ class MLCalculator(Calculator):
         Recentred in float64 before the cast (``AtomGraph.recentered``): positions are wrapped / translated next to
         the origin with offsets adjusted, so float32 edge vectors do not depend on where the atoms sit (unwrapped
         trajectories, huge boxes); ``graph.pos`` is therefore not ``atoms.positions``, but forces and stress by
-        autograd are unchanged.
+        autograd are unchanged. With ``skin`` > 0 a single structure's graph comes from the neighbour cache
+        (identical to the fresh build, candidate search skipped while no atom moved skin/2); lists are built fresh.
         """
         m = self.model
-        graph = radius_graph(
-            atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors, dtype=torch.float64, recenter=True
-        )
+        cache = getattr(self, "neighbor_cache", None)
+        if isinstance(atoms, Atoms) and cache is not None:
+            with self._lock:
+                graph = cache.graph(atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors)
+        else:
+            graph = radius_graph(
+                atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors, dtype=torch.float64, recenter=True
+            )
+            stats = getattr(self, "neighbor_stats", None)
+            if isinstance(atoms, Atoms) and stats is not None:
+                with self._lock:
+                    stats["builds"] += 1
         return graph.to(device=self.device, dtype=self.dtype)
 
     def check_atoms(self, atoms: Atoms) -> None:
