@@ -7,7 +7,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -107,6 +108,31 @@ QINT_UNTAGGED_MESSAGE = (
     "(atoms.set_tags(...)); files read with ase.io.read (CIF, POSCAR, xyz) have all tags 0. Logged once per "
     "calculator."
 )
+
+
+#: torch's float32 matmul precision words, as ``torch.set_float32_matmul_precision`` takes them
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+#: held while a calculator's evaluation runs, so a precision set for one calculator never leaks into another's
+_PRECISION_LOCK = threading.RLock()
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """Run the block with ``torch.set_float32_matmul_precision(precision)`` and restore the previous setting.
+
+    Process-wide torch state, so the block holds a process-wide lock: no other mlcalc evaluation (of any
+    calculator, in any thread) runs with a precision it did not ask for."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    with _PRECISION_LOCK:
+        previous = torch.get_float32_matmul_precision()
+        if previous != precision:
+            torch.set_float32_matmul_precision(precision)
+        try:
+            yield
+        finally:
+            if torch.get_float32_matmul_precision() != previous:
+                torch.set_float32_matmul_precision(previous)
 
 
 def resolve_dtype(dtype: torch.dtype | str | type | np.dtype) -> torch.dtype:
@@ -272,6 +298,12 @@ class MLCalculator(Calculator):
         model: an ``MLModel`` instance or the path of a checkpoint (fairchem v1 or mlcalc format).
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
         dtype: torch.float32 (default) or torch.float64 (or the strings); per instance, never global.
+        matmul_precision: "highest" (default: float32 matmuls), "high" (TF32 on CUDA; float32 on CPU) or "medium"
+            (bfloat16 matmuls with float32 accumulation on CPUs with AMX/AVX512-BF16 and on CUDA; everything else
+            stays float32); torch's ``set_float32_matmul_precision`` words. Per instance: set for the duration of
+            each evaluation and restored after, under a process-wide lock (evaluations of calculators in different
+            threads run one at a time). No effect on float64 calculators. ``benchmarks/precision.py`` measures
+            what each mode costs in accuracy.
         skin: Å, neighbour reuse for MD and relaxations (0, the default: a fresh graph every call). With skin > 0
             the candidate pairs within cutoff + skin are kept and reused until an atom has moved skin/2 or the
             cell, pbc or atoms change (``mlcalc.graph.reuse.NeighborCache``, a Verlet-list skin); the graph and
@@ -305,10 +337,14 @@ class MLCalculator(Calculator):
         dtype: torch.dtype | str | type | np.dtype = torch.float32,
         *,
         skin: float = 0.0,
+        matmul_precision: str = "highest",
         **kwargs: Any,
     ) -> None:
         from mlcalc.graph.reuse import NeighborCache
 
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+        self.matmul_precision = matmul_precision
         skin = float(skin)
         if not np.isfinite(skin) or skin < 0:
             raise ValueError(f"skin must be a finite distance >= 0 in Å (0: no neighbour reuse), got {skin}")
@@ -357,6 +393,7 @@ class MLCalculator(Calculator):
             "elements": sorted(self.elements, key=atomic_numbers.get) if self.elements else None,
             "max_atomic_number": model.max_elements,
             "device": str(self.device),
+            "matmul_precision": self.matmul_precision,
             "dtype": str(self.dtype).removeprefix("torch."),
             "implemented_properties": list(self.implemented_properties),
             "normalizers": dict(getattr(model, "normalizers", {})),
@@ -499,8 +536,11 @@ class MLCalculator(Calculator):
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, graph: AtomGraph, stress: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
-        """``evaluate_model`` with this calculator's model: denormalised energy (B,), forces (N, 3), stress."""
-        return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph)
+        """``evaluate_model`` with this calculator's model: denormalised energy (B,), forces (N, 3), stress.
+
+        Runs under this calculator's ``matmul_precision`` (restored afterwards)."""
+        with matmul_precision(self.matmul_precision):
+            return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph)
 
     def calculate(
         self,
