@@ -115,7 +115,8 @@ def _calculator(args: argparse.Namespace):
     """The family calculator of the checkpoint's model (GemNetOCCalculator, ...), with its notes."""
     from mlcalc.calculator import load_calculator
 
-    return load_calculator(args.checkpoint, device=args.device, dtype=args.dtype)
+    return load_calculator(args.checkpoint, device=args.device, dtype=args.dtype,
+                           matmul_precision=args.matmul_precision, skin=getattr(args, "skin", 0.0))
 
 
 def _read_frames(path: str, index: str) -> list:
@@ -379,6 +380,8 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
     parser.add_argument("--device", default=default("auto"), help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=default("float32"), choices=["float32", "float64"])
+    parser.add_argument("--matmul-precision", default=default("highest"), choices=["highest", "high", "medium"],
+                        help="float32 matmul precision of the model (medium: bfloat16 matmuls; default highest)")
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="info logging; show tracebacks of errors")
     parser.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bar")
@@ -430,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--friction", type=nonnegative_float, default=0.001,
                    help="Langevin friction, 1/fs (default 0.001 = 1/ps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skin", type=nonnegative_float, default=1.0,
+                   help="neighbour-list skin in Å: candidate pairs reused until an atom moved skin/2 (results "
+                        "bit-identical; 0 rebuilds every step; default 1.0)")
     p.add_argument("--index", type=frame_index, default="-1", help="frame to run (default the last)")
     p.add_argument("--trajectory", help="ase trajectory (default STEM-md.traj; 'none' for none)")
     p.add_argument("--log", help="per-step log: time, energies, T (default STEM-md.log; 'none' for none)")

@@ -209,3 +209,16 @@ def test_user_errors_are_one_line_without_traceback(argv, message, tmp_path, cap
     assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
     assert message.format(**fill) in lines[0]
     assert not list(tmp_path.glob("*-relax.*"))  # nothing written on a bad input
+
+
+def test_md_skin_reuses_neighbours_with_identical_results(tmp_path, capsys, monkeypatch):
+    """--skin (default 1 Å) reuses candidate pairs; the trajectory equals a run that rebuilds every step."""
+    monkeypatch.chdir(tmp_path)
+    start = argon(tmp_path)
+    common = ["md", str(CKPT), start, "--steps", "30", "--every", "10", "--temperature", "60", "--device", "cpu",
+              "--dtype", "float64", "--log", "none"]
+    assert main([*common, "--trajectory", "reuse.traj"]) == 0
+    assert main([*common, "--skin", "0", "--trajectory", "fresh.traj", "--matmul-precision", "highest"]) == 0
+    for a, b in zip(read("reuse.traj", ":"), read("fresh.traj", ":"), strict=True):
+        assert np.array_equal(a.positions, b.positions)
+    assert main([*common, "--skin", "-1"]) == 2

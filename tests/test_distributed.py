@@ -23,7 +23,7 @@ LJ = ROOT / "checkpoints" / "lj_argon.pt"
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
