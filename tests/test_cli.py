@@ -221,4 +221,6 @@ def test_md_skin_reuses_neighbours_with_identical_results(tmp_path, capsys, monk
     assert main([*common, "--skin", "0", "--trajectory", "fresh.traj", "--matmul-precision", "highest"]) == 0
     for a, b in zip(read("reuse.traj", ":"), read("fresh.traj", ":"), strict=True):
         assert np.array_equal(a.positions, b.positions)
-    assert main([*common, "--skin", "-1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--skin", "-1"])
+    assert exit_info.value.code == 2 and "--skin" in capsys.readouterr().err
