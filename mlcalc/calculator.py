@@ -538,9 +538,22 @@ class MLCalculator(Calculator):
     def evaluate(self, graph: AtomGraph, stress: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
         """``evaluate_model`` with this calculator's model: denormalised energy (B,), forces (N, 3), stress.
 
-        Runs under this calculator's ``matmul_precision`` (restored afterwards)."""
-        with matmul_precision(self.matmul_precision):
-            return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph)
+        Runs under this calculator's ``matmul_precision`` (restored afterwards). Running out of memory (CPU
+        allocator or CUDA) raises MemoryError naming the size of the system, not torch's allocator message."""
+        try:
+            with matmul_precision(self.matmul_precision):
+                return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph)
+        except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError
+            text = str(err)
+            if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text
+                    or "out of memory" in text.lower()):
+                raise
+            raise MemoryError(
+                f"{self.model.registry_name} ran out of memory on {graph.num_atoms} atoms in {graph.num_graphs} "
+                f"structure(s) with {graph.num_edges} edges within {self.model.cutoff:g} Å on {self.device} "
+                f"({self.dtype}): use smaller batches (predict(batch_size=...)), fewer atoms per structure or a "
+                f"device with more memory (allocator: {' '.join(text.split())[:200]})"
+            ) from err
 
     def calculate(
         self,

@@ -243,3 +243,29 @@ def test_predict_mixing_molecule_and_bulk_gives_stress_for_every_3d_cell():
         np.testing.assert_allclose(out[k]["stress"], ref.get_stress(), atol=1e-8)
         np.testing.assert_allclose(out[k]["forces"], ref.get_forces(), atol=1e-8)
     np.testing.assert_allclose(out[1]["forces"], reference(structs[1]).get_forces(), atol=1e-8)
+
+
+def test_out_of_memory_becomes_a_memory_error_naming_the_size():
+    """An allocator failure deep in torch reaches the user as MemoryError with atoms, edges and the way out."""
+    from ase.build import bulk
+
+    from mlcalc import load_calculator
+
+    calc = load_calculator(Path(__file__).resolve().parents[1] / "checkpoints" / "lj_argon.pt", device="cpu")
+
+    def exhausted(graph):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 5800000000 bytes.")
+
+    calc.model.forward = exhausted
+    atoms = bulk("Ar", "fcc", a=5.26, cubic=True)
+    atoms.calc = calc
+    with pytest.raises(MemoryError, match=r"4 atoms in 1 structure\(s\) with \d+ edges .*batch_size"):
+        atoms.get_potential_energy()
+
+    def other(graph):
+        raise RuntimeError("shape mismatch")
+
+    calc.model.forward = other
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        calc.predict([atoms])
