@@ -427,8 +427,11 @@ class MLCalculator(Calculator):
             with self._lock:
                 graph = cache.graph(atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors)
         else:
+            # on CUDA the candidate search runs on the device (mlcalc's torch cell list, same canonical graph)
+            search_device = self.device if self.device.type == "cuda" else None
             graph = radius_graph(
-                atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors, dtype=torch.float64, recenter=True
+                atoms, m.cutoff, m.max_neighbors, m.strict_max_neighbors, dtype=torch.float64, recenter=True,
+                device=search_device,
             )
             stats = getattr(self, "neighbor_stats", None)
             if isinstance(atoms, Atoms) and stats is not None:
