@@ -110,6 +110,13 @@ class WorkerPool:
         if not ray.is_initialized():
             logger.info("ray is not initialised; starting a local Ray")
             ray.init()
+        total = ray.cluster_resources()
+        for key, need in (("CPU", num_cpus_per_worker), ("GPU", num_gpus_per_worker)):
+            if need > total.get(key, 0.0):
+                raise ValueError(
+                    f"each worker asks for {need:g} {key}, but the Ray cluster has {total.get(key, 0.0):g} in all; "
+                    f"the workers could never start (lower num_{key.lower()}s_per_worker or add nodes)"
+                )
         path = Path(os.fspath(checkpoint))
         payload: Any = ray.put(path.read_bytes()) if path.is_file() else os.fspath(checkpoint)
         if not path.is_file():

@@ -22,6 +22,10 @@ LJ = ROOT / "checkpoints" / "lj_argon.pt"
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
+    import os
+
+    # Ray starts its workers at nice 15; on a busy CI machine that starves them, so run them at normal priority
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              _node_ip_address="127.0.0.1")
     yield
@@ -56,7 +60,8 @@ def test_relax_many_equals_a_serial_run_and_writes_the_database(tmp_path) -> Non
 
 @pytest.fixture(scope="module")
 def pool():
-    with WorkerPool(LJ, num_workers=2, device="cpu", dtype="float64") as p:
+    # half a CPU each: the pool leaves room for the pools that relax_many/predict_many start themselves
+    with WorkerPool(LJ, num_workers=2, num_cpus_per_worker=0.5, device="cpu", dtype="float64") as p:
         yield p
 
 
@@ -74,6 +79,11 @@ def test_model_errors_are_not_retried_and_name_the_structures(pool) -> None:
     structures = [*_argon(1), bulk("Cu", "fcc", a=3.6)]  # the LJ checkpoint lists only Ar
     with pytest.raises(ValueError, match=r"structures 1\.\.1.*Cu"):
         list(pool.iter_predict(structures, chunk_size=1, progress=False))
+
+
+def test_resources_the_cluster_cannot_give_are_refused() -> None:
+    with pytest.raises(ValueError, match="GPU"):
+        WorkerPool(LJ, num_workers=1, num_gpus_per_worker=1, device="cpu")
 
 
 def test_predict_many() -> None:
