@@ -124,6 +124,13 @@ def _read_frames(path: str, index: str) -> list:
 
     try:
         frames = read(path, index=index)
+    except (StopIteration, IndexError) as err:  # ase's way of saying the index is past the last frame
+        try:
+            count = len(read(path, index=":"))
+        except Exception:  # noqa: BLE001 - the count is only for the message
+            count = None
+        have = f"; the file has {count} frame(s)" if count is not None else ""
+        raise CLIError(f"--index {index} selects no frame of {path}{have}") from err
     except Exception as err:  # noqa: BLE001 - ase raises many types for unreadable files
         raise CLIError(f"cannot read structure file {path} (index {index}): {_one_line(err)}") from err
     frames = frames if isinstance(frames, list) else [frames]

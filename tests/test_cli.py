@@ -224,3 +224,10 @@ def test_md_skin_reuses_neighbours_with_identical_results(tmp_path, capsys, monk
     with pytest.raises(SystemExit) as exit_info:
         main([*common, "--skin", "-1"])
     assert exit_info.value.code == 2 and "--skin" in capsys.readouterr().err
+
+
+def test_index_past_the_last_frame_says_how_many_there_are(tmp_path, capsys):
+    path = argon(tmp_path, frames=2)
+    assert main(["relax", str(CKPT), path, "--index", "5", "--trajectory", "none", "--log", "none"]) == 2
+    expected = f"--index 5 selects no frame of {path}; the file has 2 frame(s)"
+    assert capsys.readouterr().err.strip().endswith(expected)
