@@ -88,9 +88,9 @@ class AtomGraph:
         pos = self.pos.to(torch.float64)
         full, inv, _ = lattice_frames(self.cell.detach(), self.pbc)
         batch, n_struct = self.batch, self.num_graphs
-        periodic = self.pbc.to(torch.bool)[batch]
+        periodic = self.pbc.to(torch.bool).index_select(0, batch)
         single = n_struct == 1
-        frac = pos.detach() @ inv[0] if single else torch.einsum("nk,nke->ne", pos.detach(), inv[batch])
+        frac = pos.detach() @ inv[0] if single else torch.einsum("nk,nke->ne", pos.detach(), inv.index_select(0, batch))
         image = torch.floor(frac).masked_fill_(~periodic, 0.0)
         frac = frac - image
         if bool(self.pbc.any()):  # cut every periodic circle at its widest gap: all axes at once
@@ -110,10 +110,12 @@ class AtomGraph:
             )
             hi = torch.full_like(lo, -big).scatter_reduce(0, idx, frac, "amax")
             centre = torch.where(hi >= lo, 0.5 * (lo + hi), torch.zeros_like(lo))  # empty structures: 0
-            shift = torch.einsum("nk,nke->ne", image + centre[batch], full[batch])
+            shift = torch.einsum("nk,nke->ne", image + centre.index_select(0, batch), full.index_select(0, batch))
         n = image.long()
         src, dst = self.edge_index
-        return replace(self, pos=(pos - shift).to(self.pos.dtype), cell_offsets=self.cell_offsets + n[src] - n[dst])
+        # S + n_j - n_i with 1-D index_select gathers (integers: the same values as the advanced-indexing form)
+        offsets = n.index_select(0, src).sub_(n.index_select(0, dst)).add_(self.cell_offsets)
+        return replace(self, pos=(pos - shift).to(self.pos.dtype), cell_offsets=offsets)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AtomGraph:
         """Copy with floating tensors cast to ``dtype`` and everything moved to ``device``."""
