@@ -24,7 +24,9 @@ from mlcalc.models.gemnet_oc import GemNetOC
 from mlcalc.models.scn import SCN
 
 OC20_NORMALIZERS = {"energy": (-0.7554450631141663, 2.887317180633545), "forces": (0.0, 2.887317180633545)}
-MODES = [("float64", "highest"), ("float32", "highest"), ("float32", "high"), ("float32", "medium")]
+MODES = [("float64", "highest", False), ("float32", "highest", False), ("float32", "high", False),
+         ("float32", "medium", False)]
+COMPILED = [("float32", "highest", True), ("float32", "medium", True)]
 
 
 def build(name: str) -> torch.nn.Module:
@@ -42,30 +44,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="gemnet_oc,escn,scn")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (first call compiles: minutes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     atoms = slab_with_adsorbate()
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread, "
           f"{len(atoms)} atoms")
-    print("| model | dtype | matmul_precision | s/call | speed-up vs float32 highest | |ΔE| eV | max |ΔF| eV/Å |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | dtype | matmul_precision | compile | s/call | speed-up vs float32 highest | |ΔE| eV "
+          "| max |ΔF| eV/Å |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = build(name)
         rows, ref, base_time = [], None, None
-        for dtype, precision in MODES:
-            calc = MLCalculator(model, device="cpu", dtype=dtype, matmul_precision=precision)
+        for dtype, precision, compiled in MODES + (COMPILED if args.compile else []):
+            calc = MLCalculator(model, device="cpu", dtype=dtype, matmul_precision=precision, compile=compiled)
             seconds, _ = time_calls(lambda a, c=calc: c.predict([a]), atoms, args.repeats)
             out = calc.predict([atoms])[0]
             if ref is None:
                 ref = out
-            if dtype == "float32" and precision == "highest":
+            if dtype == "float32" and precision == "highest" and not compiled:
                 base_time = seconds
             de = abs(out["energy"] - ref["energy"])
             df = float(abs(out["forces"] - ref["forces"]).max())
-            rows.append((dtype, precision, seconds, de, df))
-        for dtype, precision, seconds, de, df in rows:
+            rows.append((dtype, precision, compiled, seconds, de, df))
+        for dtype, precision, compiled, seconds, de, df in rows:
             speed = f"{base_time / seconds:.2f}x" if dtype == "float32" else "-"
-            print(f"| {name} | {dtype} | {precision} | {seconds:.3f} | {speed} | {de:.2e} | {df:.2e} |")
+            print(f"| {name} | {dtype} | {precision} | {'yes' if compiled else 'no'} | {seconds:.3f} | {speed} | "
+                  f"{de:.2e} | {df:.2e} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -213,7 +213,11 @@ def validate_atoms(atoms: Atoms, max_atomic_number: int = 118) -> None:
 
 
 def evaluate_model(
-    model: MLModel, graph: AtomGraph, stress: bool = False, create_graph: bool = False
+    model: MLModel,
+    graph: AtomGraph,
+    stress: bool = False,
+    create_graph: bool = False,
+    forward: Callable[[AtomGraph], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Denormalised energy (B,) eV, forces (N, 3) eV/Å and, if asked and possible, stress (B, 3, 3) eV/Å³.
 
@@ -233,16 +237,17 @@ def evaluate_model(
     caller keeps stress only for structures whose cell has rank 3.
     """
     m = model
+    run = m if forward is None else forward  # ``forward``: e.g. a torch.compile'd model.forward
     e_mean, e_std = m.normalizers.get("energy", (0.0, 1.0))
     f_mean, f_std = m.normalizers.get("forces", (0.0, 1.0))
     e_ref = _reference_energy(m, graph)
     if not getattr(m, "regress_forces", True):  # energy-only (IS2RE) model
         with torch.set_grad_enabled(create_graph):
-            out = m(graph)
+            out = run(graph)
         return {"energy": out["energy"] * e_std + e_mean + e_ref}
     if m.direct_forces:
         with torch.set_grad_enabled(create_graph):
-            out = m(graph)
+            out = run(graph)
         return {"energy": out["energy"] * e_std + e_mean + e_ref, "forces": out["forces"] * f_std + f_mean}
     with torch.enable_grad():
         pos = graph.pos.detach().requires_grad_(True)
@@ -258,7 +263,7 @@ def evaluate_model(
         else:
             pos_s, cell_s = pos, graph.cell
         g = replace(graph, pos=pos_s, cell=cell_s)
-        raw = m(g)["energy"]
+        raw = run(g)["energy"]
         grads = torch.autograd.grad(raw.sum(), inputs, allow_unused=True, create_graph=create_graph)
     dpos = grads[0] if grads[0] is not None else torch.zeros_like(pos)
     energy = (raw if create_graph else raw.detach()) * e_std + e_mean + e_ref
@@ -304,6 +309,10 @@ class MLCalculator(Calculator):
             each evaluation and restored after, under a process-wide lock (evaluations of calculators in different
             threads run one at a time). No effect on float64 calculators. ``benchmarks/precision.py`` measures
             what each mode costs in accuracy.
+        compile: run the model's forward through ``torch.compile(dynamic=True)`` (TorchInductor): edge, triplet and
+            atom counts are symbolic, so new structures do not recompile; elementwise chains are fused. The first
+            call compiles (tens of seconds to minutes on a CPU; needs a C++ compiler); results equal eager within
+            float32 rounding. Off by default.
         skin: Å, neighbour reuse for MD and relaxations (0, the default: a fresh graph every call). With skin > 0
             the candidate pairs within cutoff + skin are kept and reused until an atom has moved skin/2 or the
             cell, pbc or atoms change (``mlcalc.graph.reuse.NeighborCache``, a Verlet-list skin); the graph and
@@ -338,6 +347,7 @@ class MLCalculator(Calculator):
         *,
         skin: float = 0.0,
         matmul_precision: str = "highest",
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
         from mlcalc.graph.reuse import NeighborCache
@@ -345,6 +355,8 @@ class MLCalculator(Calculator):
         if matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
         self.matmul_precision = matmul_precision
+        self.compile = bool(compile)
+        self._compiled_forward: Callable[[AtomGraph], dict[str, torch.Tensor]] | None = None
         skin = float(skin)
         if not np.isfinite(skin) or skin < 0:
             raise ValueError(f"skin must be a finite distance >= 0 in Å (0: no neighbour reuse), got {skin}")
@@ -404,6 +416,7 @@ class MLCalculator(Calculator):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state["_compiled_forward"] = None  # compiled code is per process; rebuilt on first use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -538,6 +551,15 @@ class MLCalculator(Calculator):
         return changes
 
     # -- evaluation ----------------------------------------------------------------------------------------
+    def _forward(self) -> Callable[[AtomGraph], dict[str, torch.Tensor]] | None:
+        """The model's forward compiled with ``torch.compile(dynamic=True)`` when ``compile`` (built on first use,
+        per calculator: the shared model object is not modified), else None (eager)."""
+        if not self.compile:
+            return None
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.model.forward, dynamic=True)
+        return self._compiled_forward
+
     def evaluate(self, graph: AtomGraph, stress: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
         """``evaluate_model`` with this calculator's model: denormalised energy (B,), forces (N, 3), stress.
 
@@ -545,7 +567,8 @@ class MLCalculator(Calculator):
         allocator or CUDA) raises MemoryError naming the size of the system, not torch's allocator message."""
         try:
             with matmul_precision(self.matmul_precision):
-                return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph)
+                return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph,
+                                      forward=self._forward())
         except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError
             text = str(err)
             if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text

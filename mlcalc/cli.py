@@ -116,7 +116,8 @@ def _calculator(args: argparse.Namespace):
     from mlcalc.calculator import load_calculator
 
     return load_calculator(args.checkpoint, device=args.device, dtype=args.dtype,
-                           matmul_precision=args.matmul_precision, skin=getattr(args, "skin", 0.0))
+                           matmul_precision=args.matmul_precision, skin=getattr(args, "skin", 0.0),
+                           compile=args.compile)
 
 
 def _read_frames(path: str, index: str) -> list:
@@ -389,6 +390,8 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--dtype", default=default("float32"), choices=["float32", "float64"])
     parser.add_argument("--matmul-precision", default=default("highest"), choices=["highest", "high", "medium"],
                         help="float32 matmul precision of the model (medium: bfloat16 matmuls; default highest)")
+    parser.add_argument("--compile", action="store_true", default=default(False),
+                        help="torch.compile the model (first call compiles; then faster)")
     parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="info logging; show tracebacks of errors")
     parser.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bar")
