@@ -47,6 +47,8 @@ def main() -> None:
     runs = [
         ("Per call and matmul precision (OC20-size models, random weights)", ours,
          ["precision.py", "--repeats", "1" if q else "3"]),
+        *([] if q else [("torch.compile rows (GemNet-OC base; the first call compiles)", ours,
+                          ["precision.py", "--models", "gemnet_oc", "--compile", "--repeats", "3"])]),
         ("GemNet-OC base per call" + (", fairchem side by side" if args.fairchem else ""), ref,
          ["gemnet_oc.py", "--threads", "1", "--repeats", "1" if q else "3"]),
         ("eSCN / SCN per call" + (", fairchem side by side" if args.fairchem else ""), ref,
