@@ -1,9 +1,11 @@
 """Released checkpoints by name: registry facts, the download cache (served from 127.0.0.1) and loading each name.
 
-Every registry entry is served as a small fairchem-format fixture of its family and variant (energy-only IS2RE,
-OC22 total energy, non-strict max_neighbors, SCN t1-b1 / t4-b2), so the name path (download, cache, verify, load,
-calculator) runs for all 19 names without the real files. Numbers are checked against the fairchem 1.10 fixtures
-(expected.json): an energy-only model built from a fixture's weights must give that fixture's fairchem energy.
+Every registry entry is served as a small fairchem-format fixture of its family and configuration, so the name
+path (download, cache, verify, load, calculator) runs for all 19 names without the real files: the fairchem-made
+fixtures of the released configurations (tests/data/released_variants*: Large block layout, ODAC graph, IS2RE
+energy-only, OC22 with elementrefs, eSCN mmax 3, ODAC eSCN; the non-strict variant for the nsn name), else the
+public fixtures (legacy direct GemNet-OC, eSCN, SCN t1-b1 / t4-b2) with OC22 / energy-only markers. Every name must
+reproduce fairchem 1.10's float64 numbers for its fixture to 1e-6 eV and eV/Å.
 """
 
 from __future__ import annotations
@@ -47,9 +49,32 @@ VARIANTS = json.loads((DATA / "gemnet_oc_variants.json").read_text())
 VARIANT_STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "gemnet_oc_variant_structures.extxyz", index=":")}
 
 
-def _fixture_for(entry: pretrained.PretrainedCheckpoint) -> tuple[dict, Atoms, float, np.ndarray]:
+RELEASED = torch.load(DATA / "released_variants.pt", weights_only=True)
+RELEASED_EXPECTED = json.loads((DATA / "released_variants.json").read_text())["variants"]
+RELEASED_STRUCTURES = {a.info["name"]: a for a in ase.io.read(DATA / "released_variants_structures.extxyz", ":")}
+#: registry names served with the fairchem-made fixture of their own configuration (tests/data/released_variants*)
+RELEASED_FOR = {
+    "GemNet-OC-Large-S2EF-OC20-All+MD": "gemnet_oc_released_layout",
+    "GemNet-OC-S2EF-ODAC": "gemnet_oc_odac",
+    "Gemnet-OC-IS2RE-ODAC": "gemnet_oc_is2re",
+    "GemNet-OC-S2EFS-OC22": "gemnet_oc_oc22_elementrefs",
+    "eSCN-L6-M3-Lay20-S2EF-OC20-All+MD": "escn_l6_m3",
+    "eSCN-S2EF-ODAC": "escn_odac",
+    "eSCN-IS2RE-ODAC": "escn_is2re",
+}
+
+
+def _fixture_for(entry: pretrained.PretrainedCheckpoint) -> tuple[dict, Atoms, float, np.ndarray | None]:
     """A small fairchem-format checkpoint of the entry's family and variant, a structure, and fairchem 1.10's
-    float64 energy (eV) and forces (eV/Å) for that checkpoint and structure (the references it must reproduce)."""
+    float64 energy (eV) and forces (eV/Å; None for energy-only models) for that checkpoint and structure."""
+    if entry.name in RELEASED_FOR:
+        key = RELEASED_FOR[entry.name]
+        structure_name, ref = next(iter(RELEASED_EXPECTED[key]["structures"].items()))
+        atoms = RELEASED_STRUCTURES.get(structure_name)
+        if atoms is None:
+            atoms = next(a for a in ase.io.read(DATA / "structures.extxyz", ":") if a.info["name"] == structure_name)
+        forces = np.array(ref["forces"]) if "forces" in ref else None
+        return copy.deepcopy(RELEASED[key]), atoms, ref["energy"], forces
     if "nsn" in entry.name:  # non-strict max_neighbors: the fairchem-made "nonstrict" GemNet-OC variant
         stored = torch.load(DATA / "gemnet_oc_variants.pt", weights_only=True)["nonstrict"]
         std = torch.tensor(VARIANTS["std"])
@@ -252,6 +277,7 @@ def test_every_name_loads_and_reproduces_its_fixture(env, name: str) -> None:
     atoms.calc = calc
     assert abs(atoms.get_potential_energy() - ref_energy) <= 1e-6
     if entry.forces == "none":
+        assert ref_forces is None
         assert calc.implemented_properties == ["energy", "free_energy"]
         with pytest.raises(PropertyNotImplementedError, match="energy-only"):
             atoms.get_forces()
@@ -277,7 +303,8 @@ def test_energy_only_models_predict_energy_only(env) -> None:
     calc = load_calculator("Gemnet-OC-IS2RE-ODAC", device="cpu", dtype="float64")
     out = calc.predict([STRUCTURE.copy(), STRUCTURE.copy()])
     assert [sorted(r) for r in out] == [["energy", "free_energy"]] * 2
-    ref = EXPECTED["gemnet_oc_small_grad"]["structures"][STRUCTURE_NAME]["energy_f64"]
+    _, structure, ref, _ = _fixture_for(pretrained.info("Gemnet-OC-IS2RE-ODAC"))
+    out = calc.predict([structure.copy(), structure.copy()])
     assert abs(out[1]["energy"] - ref) <= 1e-6
     assert "stress" not in calc.implemented_properties
 
