@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,7 +46,8 @@ def relax(atoms, calc, fmax: float, steps: int) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="checkpoints/gemnet_oc-emt.pt")
+    default = Path(__file__).resolve().parents[1] / "checkpoints" / "gemnet_oc-emt.pt"
+    p.add_argument("--checkpoint", default=str(default))
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--fmax", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=200)
