@@ -233,6 +233,11 @@ def _as_atoms_list(structures: Iterable[Any]) -> list[Atoms]:
     return [as_atoms(s) for s in structures]
 
 
+def auto_chunk_size(n_structures: int, num_workers: int) -> int:
+    """Structures per task so that every worker gets work (about 4 chunks each), between 1 and 32."""
+    return max(1, min(32, -(-n_structures // max(1, 4 * int(num_workers)))))
+
+
 def _write(db: Any, atoms: Atoms, index: int) -> None:
     db.write(atoms, data={"input_index": index})
 
@@ -243,7 +248,7 @@ def relax_many(
     num_workers: int = 2,
     num_gpus_per_worker: float = 0.0,
     num_cpus_per_worker: float = 1.0,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
     max_retries: int = 2,
@@ -258,7 +263,8 @@ def relax_many(
         structures: ase.Atoms (or pymatgen) structures.
         checkpoint: checkpoint file or released name; loaded once per worker.
         num_workers, num_gpus_per_worker, num_cpus_per_worker, device, dtype, max_retries: see ``WorkerPool``.
-        chunk_size: structures per task (each task is one in-flight batched relaxation on a worker).
+        chunk_size: structures per task (each task is one in-flight batched relaxation on a worker); default
+            ``auto_chunk_size``: enough chunks for every worker (at least 4 each), at most 32 structures.
         db: an ASE database file (``ase.db.connect``) the results are written to as they arrive, in input order,
             with ``data={"input_index": i}``.
         progress: tqdm bar on a terminal.
@@ -269,6 +275,7 @@ def relax_many(
         chunk's worker died more than ``max_retries`` times.
     """
     items = _as_atoms_list(structures)
+    chunk_size = auto_chunk_size(len(items), num_workers) if chunk_size is None else chunk_size
     out: list[Atoms | None] = [None] * len(items)
     connection = None
     if db is not None:
@@ -290,7 +297,7 @@ def predict_many(
     num_workers: int = 2,
     num_gpus_per_worker: float = 0.0,
     num_cpus_per_worker: float = 1.0,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
@@ -300,6 +307,7 @@ def predict_many(
     """Single points (energy, forces, stress where available; ``MLCalculator.predict``'s dicts) of many
     structures on Ray workers, in input order. Arguments as ``relax_many``; ``batch_size`` structures per graph."""
     items = _as_atoms_list(structures)
+    chunk_size = auto_chunk_size(len(items), num_workers) if chunk_size is None else chunk_size
     out: list[dict[str, Any] | None] = [None] * len(items)
     with WorkerPool(checkpoint, num_workers, num_gpus_per_worker, num_cpus_per_worker, device, dtype,
                     max_retries) as pool:

@@ -107,3 +107,9 @@ def test_a_killed_worker_is_replaced_and_its_chunk_resubmitted(pool) -> None:
     for i, r in results.items():
         assert r["energy"] == pytest.approx(serial[i]["energy"], abs=1e-9)
         assert np.abs(r["forces"] - serial[i]["forces"]).max() < 1e-9
+
+
+def test_default_chunks_give_every_worker_work() -> None:
+    from mlcalc.distributed import auto_chunk_size
+
+    assert auto_chunk_size(4, 2) == 1 and auto_chunk_size(64, 2) == 8 and auto_chunk_size(10_000, 2) == 32

@@ -92,3 +92,19 @@ def test_optimize_and_integrate_run() -> None:
     final = ts.integrate(system=systems, model=model, integrator=ts.nvt_langevin, n_steps=20, temperature=300.0,
                          timestep=0.001)
     assert torch.isfinite(final.positions).all() and final.n_systems == 3
+
+
+def test_slab_pbc_lost_by_torchsim_is_warned_about_or_overridden(caplog) -> None:
+    """TorchSim 0.3 turns a slab's [T, T, F] into pbc=False (a cluster); the adapter warns, and pbc= restores it."""
+    calc = load_calculator(GEMNET, device="cpu", dtype="float64")
+    slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)  # pbc [T, T, F], as ase.build makes it
+    slab.rattle(0.02, seed=3)
+    state = ts.io.atoms_to_state([slab], torch.device("cpu"), torch.float64)
+    with caplog.at_level("WARNING"):
+        cluster = MLCalcModel(calc).forward(state)
+    assert "isolated cluster" in caplog.text
+    fixed = MLCalcModel(calc, pbc=(True, True, False)).forward(state)
+    ref = slab.copy()
+    ref.calc = calc
+    assert abs(float(fixed["energy"][0]) - ref.get_potential_energy()) < 1e-9
+    assert abs(float(cluster["energy"][0]) - ref.get_potential_energy()) > 1e-3

@@ -15,8 +15,12 @@ Outputs: energy (n_systems,) eV, forces (n_atoms, 3) eV/Å, stress (n_systems, 3
 (1/V dE/dε) for gradient-force models; direct-force models (eSCN, SCN, most released GemNet-OC) have no stress, so
 cell relaxations and NPT need a gradient-force checkpoint.
 
-Periodicity: TorchSim 0.3 keeps one ``pbc`` flag for the whole state (``ts.io.atoms_to_state`` refuses mixed
-ones), so give slabs ``pbc=True`` with vacuum along c, as OC20 does; the adapter uses the state's flag for all axes.
+Periodicity: TorchSim 0.3 keeps one ``pbc`` flag for the whole state: ``ts.io.atoms_to_state`` turns an ase.build
+slab's ``[True, True, False]`` into ``False``, i.e. an isolated cluster, which silently gives wrong energies for
+slabs. Give slabs ``pbc=True`` with vacuum along c (as OC20 does) before building the state, or pass
+``MLCalcModel(..., pbc=(True, True, False))`` to override the state's flag; the adapter warns once when a state
+without pbc has 3-D cells. TorchSim's optimizers ignore ASE constraints (FixAtoms) and stop on an energy criterion
+unless given ``convergence_fn=ts.generate_force_convergence_fn(force_tol=0.05, include_cell_forces=False)``.
 
 Tags: TorchSim states carry none. GemNet-OC's OC20/OC22 checkpoints build quadruplets only on atoms tagged 1 or 2;
 pass ``tags`` (one array per system, or one flat array) or set ``state.tags``; without them every atom has tag 0
@@ -59,6 +63,8 @@ class MLCalcModel(ModelInterface):
             model without stress raises ValueError.
         tags: optional OC20 tags (ints) for GemNet-OC: a flat array over all atoms of the states to come, or a list
             with one array per system. ``state.tags`` (if set) wins.
+        pbc: periodicity used for every system instead of the state's single flag (e.g. ``(True, True, False)``
+            for slabs); None uses the state's.
 
     Raises:
         ValueError: stress asked of a direct-force model, or forces asked of an energy-only model.
@@ -72,6 +78,7 @@ class MLCalcModel(ModelInterface):
         compute_stress: bool | None = None,
         compute_forces: bool = True,
         tags: Sequence[Any] | np.ndarray | None = None,
+        pbc: bool | Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         calc = model if isinstance(model, MLCalculator) else load_calculator(model, device=device, dtype=dtype)
@@ -87,6 +94,8 @@ class MLCalcModel(ModelInterface):
         self._compute_stress = has_stress if compute_stress is None else bool(compute_stress)
         self._compute_forces = bool(compute_forces)
         self._tags = tags
+        self._pbc = None if pbc is None else np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+        self._warned_pbc = False
         self._memory_scales_with = "n_atoms_x_density"
 
     @property
@@ -118,6 +127,15 @@ class MLCalcModel(ModelInterface):
         numbers = state.atomic_numbers.detach().cpu().numpy()
         system_idx = state.system_idx.detach().cpu().numpy()
         pbc = np.broadcast_to(np.asarray(torch.as_tensor(state.pbc).cpu().numpy(), dtype=bool), (3,))
+        if self._pbc is not None:
+            pbc = self._pbc
+        elif not pbc.any() and not self._warned_pbc and (np.abs(np.linalg.det(cell)) > 1e-6).any():
+            self._warned_pbc = True
+            logger.warning(
+                "the TorchSim state has pbc=False but 3-D cells: every system is evaluated as an isolated cluster. "
+                "TorchSim keeps one pbc flag (ase.build slabs' [True, True, False] become False); for slabs set "
+                "atoms.pbc = True before building the state, or pass MLCalcModel(..., pbc=(True, True, False))."
+            )
         tags = self._tags_for(state, len(numbers), system_idx)
         n_systems = int(cell.shape[0])
         out = []
