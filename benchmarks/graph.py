@@ -26,8 +26,8 @@ from mlcalc.calculator import validate_atoms
 from mlcalc.graph import radius_graph
 
 
-def copper(n_target: int) -> Atoms:
-    """Rattled fcc Cu supercell with about ``n_target`` atoms (conventional cell repeated)."""
+def copper(n_target: int, rattle: float = 0.1) -> Atoms:
+    """Rattled (``rattle`` Å) fcc Cu supercell with about ``n_target`` atoms (conventional cell repeated)."""
     n = max(1, round((n_target / 4) ** (1 / 3)))
     reps = [n, n, n]
     k = 0
@@ -35,7 +35,7 @@ def copper(n_target: int) -> Atoms:
         reps[k % 3] += 1
         k += 1
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
-    atoms.rattle(0.1, seed=0)
+    atoms.rattle(rattle, seed=0)
     return atoms
 
 

@@ -205,9 +205,7 @@ class ServerCalculator(Calculator):
     ) -> None:
         properties = ["energy"] if properties is None else list(properties)
         super().calculate(atoms, properties, system_changes)
-        missing = [p for p in properties if p not in self.implemented_properties]
-        if missing:
-            raise PropertyNotImplementedError(self.server.calc._missing_property_message(missing[0]))
+        self.server.calc.require_properties(properties)
         try:
             result = self.server.submit(self.atoms).result()
         except BaseException:

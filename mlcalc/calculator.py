@@ -493,6 +493,12 @@ class MLCalculator(Calculator):
                 f"{type(atoms).__module__}.{type(atoms).__name__}"
             ) from None
 
+    def require_properties(self, properties: Sequence[str]) -> None:
+        """PropertyNotImplementedError, saying why, for the first of ``properties`` this model cannot give."""
+        missing = [p for p in properties if p not in self.implemented_properties]
+        if missing:
+            raise PropertyNotImplementedError(self._missing_property_message(missing[0]))
+
     def _missing_property_message(self, name: str) -> str:
         if not getattr(self.model, "regress_forces", True):
             return (
@@ -610,9 +616,7 @@ class MLCalculator(Calculator):
         atoms = self.atoms
         self.check_atoms(atoms)
         want_stress = "stress" in self.implemented_properties and atoms.cell.rank == 3
-        missing = [p for p in properties if p not in self.implemented_properties]
-        if missing:
-            raise PropertyNotImplementedError(self._missing_property_message(missing[0]))
+        self.require_properties(properties)
         if "stress" in properties and not want_stress:
             raise PropertyNotImplementedError(_NO_CELL_MESSAGE.format(rank=atoms.cell.rank))
         self._warn_if_untagged(atoms)

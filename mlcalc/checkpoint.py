@@ -219,13 +219,18 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointData:
     ``path`` may also be a released checkpoint name (``mlcalc.pretrained.available()``): its cached file is used,
     downloaded first when missing. Raises FileNotFoundError for a missing file that is not a registry name.
     """
+    return _read_resolved(path)[1]
+
+
+def _read_resolved(path: str | os.PathLike) -> tuple[Path, CheckpointData]:
+    """(file path, contents) of a checkpoint file or released name; a name's registry facts go to the metadata."""
     from mlcalc import pretrained
 
-    path, entry = pretrained.resolve(path)
-    data = _read_checkpoint_file(path)
+    resolved, entry = pretrained.resolve(path)
+    data = _read_checkpoint_file(resolved)
     if entry is not None:
         data.metadata["pretrained"] = entry.as_dict()
-    return data
+    return resolved, data
 
 
 def _read_checkpoint_file(path: Path) -> CheckpointData:
@@ -287,14 +292,10 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     The model is built without random initialisation (``mlcalc.nn.init.skip_init``): every weight comes from the
     checkpoint (strict loading), so drawing random numbers first would only cost time (2-3 s for GemNet-OC).
     """
-    from mlcalc import pretrained
     from mlcalc.models.base import get_model_class
     from mlcalc.nn.init import skip_init
 
-    path, entry = pretrained.resolve(path)
-    data = _read_checkpoint_file(path)
-    if entry is not None:
-        data.metadata["pretrained"] = entry.as_dict()
+    path, data = _read_resolved(path)
     cls = get_model_class(data.model_name)
     with skip_init():
         model = cls.from_config(data.hparams)

@@ -83,19 +83,16 @@ def _require_file(path: str, what: str) -> Path:
 
 
 def _resolve_checkpoint(args: argparse.Namespace) -> None:
-    """A released checkpoint name becomes the path of its cached file (downloaded once); a file must exist."""
+    """A file must exist; a released checkpoint name is fetched into the cache now (a failed download is one line),
+    so loading it later finds it there."""
     from mlcalc import pretrained
 
-    if Path(args.checkpoint).exists() or pretrained.lookup(args.checkpoint) is None:
-        if not Path(args.checkpoint).exists() and "/" not in args.checkpoint and not args.checkpoint.endswith(".pt"):
-            raise CLIError(f"no checkpoint file {args.checkpoint!r}, and "
-                           f"{pretrained._unknown_name_message(args.checkpoint)}")
-        _require_file(args.checkpoint, "checkpoint")
-        return
-    try:  # fetch (or verify) now, so a download failure is a one-line error; loading then finds it cached
-        pretrained.get_checkpoint(args.checkpoint, progress=not args.no_progress)
-    except pretrained.DownloadError as err:
+    try:
+        pretrained.resolve(args.checkpoint, progress=not args.no_progress)
+    except (FileNotFoundError, pretrained.DownloadError) as err:
         raise CLIError(str(err)) from None
+    if Path(args.checkpoint).exists():
+        _require_file(args.checkpoint, "checkpoint")
 
 
 def _check_inputs(args: argparse.Namespace) -> None:

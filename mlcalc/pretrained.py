@@ -342,7 +342,7 @@ def get_checkpoint(
     return path
 
 
-def resolve(checkpoint: str | os.PathLike) -> tuple[Path, PretrainedCheckpoint | None]:
+def resolve(checkpoint: str | os.PathLike, progress: bool = True) -> tuple[Path, PretrainedCheckpoint | None]:
     """A checkpoint argument as a file path: an existing file as given, a registry name through the cache.
 
     Returns (path, registry entry or None). Raises FileNotFoundError for a missing file that is not a registry name
@@ -353,7 +353,7 @@ def resolve(checkpoint: str | os.PathLike) -> tuple[Path, PretrainedCheckpoint |
         return Path(text), None
     entry = lookup(text) if isinstance(checkpoint, str) else None
     if entry is not None:
-        return get_checkpoint(entry.name), entry
+        return get_checkpoint(entry.name, progress=progress), entry
     looks_like_name = "/" not in text and os.sep not in text and not text.endswith((".pt", ".pth", ".ckpt"))
     if looks_like_name:
         raise FileNotFoundError(f"no checkpoint file {text!r}, and {_unknown_name_message(text)}")

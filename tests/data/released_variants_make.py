@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import gemnet_oc_make_variants as gv  # noqa: E402
+from escn_multires_make import _patch_rand_like  # noqa: E402  (mlcalc's constant auxiliary vector)
 
 SMALL = dict(
     num_spherical=4, num_radial=8, emb_size_atom=16, emb_size_edge=16, emb_size_trip_in=4, emb_size_trip_out=4,
@@ -117,7 +118,6 @@ STRUCTURES = ["a_cu111_2x2x3_O", "c_triclinic_NiAlO", "e_pt100_CO_pbcTTF"]
 #: +-a are equally far, which no rattle breaks): the canonical choice there differs from fairchem's arbitrary one
 #: (README, "Where parity ends"). The GemNet-OC variants use the triclinic cell and a 4x4 slab, checked tie-free.
 GEMNET_STRUCTURES = ["c_triclinic_NiAlO", "i_cu111_4x4x3_O"]
-AUX_VECTOR = (0.3, -0.5, 0.8)
 
 
 def _normalizers(name: str) -> dict:
@@ -150,18 +150,6 @@ def _add_elementrefs(name: str, energy: torch.Tensor, atoms) -> torch.Tensor:
         natoms=torch.tensor([len(atoms)]),
     )
     return module(energy.view(1, 1), batch).view(-1)
-
-
-def _stub_rand_like() -> None:
-    original = torch.rand_like
-
-    def fake(t, *args, **kwargs):
-        if t.dim() == 2 and t.shape[1] == 3:
-            v = torch.tensor(AUX_VECTOR, dtype=torch.float64) + 0.5
-            return v.to(dtype=t.dtype, device=t.device).expand(t.shape).clone()
-        return original(t, *args, **kwargs)
-
-    torch.rand_like = fake
 
 
 def gemnet_reference(name: str, hp: dict, state: dict, atoms_list: list) -> dict:
@@ -265,7 +253,7 @@ def main() -> None:
     from fairchem.core.models.escn.escn import eSCN
 
     print("fairchem from", fairchem.core.__file__)  # noqa: T201
-    _stub_rand_like()
+    _patch_rand_like()
     checkpoints, states = {}, {}
     for seed, (name, hp) in enumerate(GEMNET.items(), start=30):
         full, state = gv.build_variant(name, {k: v for k, v in hp.items() if k != "symmetric_edge_symmetrization"},
