@@ -133,3 +133,57 @@ class LocalFileServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LiveTensorPeak:
+    """Context manager measuring the peak bytes of live torch tensor storages created inside it (CPU or GPU).
+
+    Every storage an operator returns is counted until it is freed (``weakref.finalize``), so the peak is the
+    allocator-independent high-water mark of what the code holds at once, forward and backward pass included (the
+    autograd engine runs CPU backward ops on the calling thread, under this mode). Storages that existed before
+    (weights, inputs) and views are not counted. Use: ``with LiveTensorPeak() as p: ...; p.peak`` (bytes).
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                out = func(*args, **(kwargs or {}))
+                tracker._track(out)
+                return out
+
+        self._mode = _Mode()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def _track(self, out: object) -> None:
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t._is_view():  # a view's storage is its base's
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._live or storage.nbytes() == 0:
+                continue
+            self._live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key)
+
+    def __enter__(self) -> LiveTensorPeak:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

@@ -141,11 +141,27 @@ class UpdateE(nn.Module):
     def forward(
         self, e: tuple[Tensor, Tensor], rbf: Tensor, sbf: Tensor, tbf: Tensor, idx_kj: Tensor, idx_ji: Tensor
     ) -> tuple[Tensor, Tensor]:
-        x1 = e[0]
-        x_ji = self.act(self.lin_ji(x1))
+        """All edges at once: e (E, H) x2, rbf (E, R), sbf (T, L*R), tbf (T, L*L*R), triplet indices (T,)."""
+        x_kj = self.down(e[0], rbf)
+        return self.edge_update(x_kj, self.lin_sbf1(sbf), self.lin_t1(tbf), idx_kj, idx_ji, e[0], rbf)
+
+    def down(self, x1: Tensor, rbf: Tensor) -> Tensor:
+        """The message of each edge k->j before the triplet product: (E', H), (E', R) -> (E', int_emb_size).
+        Edge-local (any subset of edges)."""
         x_kj = self.act(self.lin_kj(x1)) * self.lin_rbf2(self.lin_rbf1(rbf))
-        x_kj = self.act(self.lin_down(x_kj))
-        msg = gather(x_kj, idx_kj) * self.lin_sbf2(self.lin_sbf1(sbf)) * self.lin_t2(self.lin_t1(tbf))
+        return self.act(self.lin_down(x_kj))
+
+    def edge_update(
+        self, x_kj: Tensor, sbf1: Tensor, t1: Tensor, idx_kj: Tensor, idx_ji: Tensor, x1: Tensor, rbf: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """New (e1, e2) of a run of edges j->i from the triplets into them.
+
+        x_kj (E, int_emb_size): ``down`` of all edges; sbf1 / t1 (T', basis_emb_size_angle / _torsion): the
+        triplets' bases projected by ``lin_sbf1`` / ``lin_t1``; idx_kj (T',) into x_kj; idx_ji (T',) into the run's
+        edges (0..E'-1); x1 (E', H), rbf (E', R) of the run. Returns two (E', H).
+        """
+        x_ji = self.act(self.lin_ji(x1))
+        msg = gather(x_kj, idx_kj) * self.lin_sbf2(sbf1) * self.lin_t2(t1)
         x_kj = self.act(self.lin_up(scatter_sum(msg, idx_ji, x1.shape[0])))
         e1 = x_ji + x_kj
         for layer in self.layers_before_skip:

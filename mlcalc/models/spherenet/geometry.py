@@ -148,12 +148,18 @@ def _safe_unit(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def triplet_directions(
-    vec: Tensor, dist: Tensor, idx_kj: Tensor, idx_ji: Tensor, ref: Tensor | None
+    vec: Tensor,
+    dist: Tensor,
+    idx_kj: Tensor,
+    idx_ji: Tensor,
+    ref: Tensor | None,
+    classes: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Direction of k seen from j in the triplet frame: z = cos(angle), and (x, y) = sin(angle) (cos, sin)(torsion).
 
     z: cosine of the angle between j->i and j->k (T,). With ``ref`` (T,) reference triplets: x, y (T,) with
     torsion = angle from k's half-plane to the reference half-plane, counter-clockwise about j->i (DIG's sign).
+    ``classes``: ``half_plane_classes`` of these triplets if already computed (else computed here).
 
     Derivatives at lattice coincidences (the values are those of the definition above):
 
@@ -173,7 +179,7 @@ def triplet_directions(
     z = (u_k * axis).sum(-1)
     if ref is None:
         return z, None, None
-    classes, k_on_axis = half_plane_classes(vec.detach(), idx_kj, idx_ji)
+    classes, k_on_axis = half_plane_classes(vec.detach(), idx_kj, idx_ji) if classes is None else classes
     perp = r_k - (r_k * axis).sum(-1, keepdim=True) * axis  # each triplet's k off the axis
     n_hat, _ = _safe_unit(gather(perp, ref))
     perp_hat, _ = _safe_unit(perp)

@@ -1,0 +1,78 @@
+"""Bounded-memory evaluation of per-edge and per-triplet work: consecutive group chunks and activation checkpointing.
+
+Large structures make the per-triplet tensors of a three-body model (bases, messages, their gradients) the peak of a
+call. Processing the rows in chunks of whole groups (e.g. all triplets of a run of output edges, which the index
+builders lay out contiguously) bounds what one chunk allocates; with gradients, ``checkpoint`` keeps only each
+chunk's inputs and recomputes the chunk during the backward pass (Chen et al. 2016, "Training deep nets with
+sublinear memory cost"; ``torch.utils.checkpoint``), so the memory of the whole call grows linearly with the rows
+and the largest transient is one chunk's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Groups [g0, g1) and their rows [r0, r1) (rows of group g are contiguous, groups ascending)."""
+
+    g0: int
+    g1: int
+    r0: int
+    r1: int
+
+
+def group_chunks(
+    group_of_row: Tensor, num_groups: int, max_rows: int | None, max_groups: int | None = None
+) -> list[Chunk]:
+    """Split groups 0..num_groups-1 into consecutive chunks of at most ``max_rows`` rows and ``max_groups`` groups.
+
+    ``group_of_row`` (R,): group index of each row, ascending (rows of one group contiguous). A group with more
+    than ``max_rows`` rows is a chunk of its own; groups without rows belong to the chunk around them. ``None``
+    limits mean one chunk. Returns at least one chunk (an empty one when there are no groups). One host sync.
+    """
+    if num_groups == 0:
+        return [Chunk(0, 0, 0, 0)]
+    counts = torch.bincount(group_of_row, minlength=num_groups).cpu().numpy()
+    ends = np.cumsum(counts)  # rows before group g + 1
+    total = int(ends[-1])
+    if (max_rows is None or total <= max_rows) and (max_groups is None or num_groups <= max_groups):
+        return [Chunk(0, num_groups, 0, total)]
+    max_rows = total if max_rows is None else max(1, int(max_rows))
+    max_groups = num_groups if max_groups is None else max(1, int(max_groups))
+    chunks, g0, r0 = [], 0, 0
+    while g0 < num_groups:
+        g1 = int(np.searchsorted(ends, r0 + max_rows, side="right"))  # groups fitting in the row budget
+        g1 = min(max(g1, g0 + 1), g0 + max_groups, num_groups)
+        r1 = int(ends[g1 - 1])
+        chunks.append(Chunk(g0, g1, r0, r1))
+        g0, r0 = g1, r1
+    return chunks
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, enabled: bool) -> Any:
+    """``fn(*args)``, under ``torch.utils.checkpoint`` (non-reentrant) when ``enabled`` and gradients are recorded.
+
+    Checkpointed, autograd keeps only the inputs and runs ``fn`` again in the backward pass; ``fn`` must be
+    deterministic (same outputs when recomputed), which all mlcalc model code is.
+    """
+    if enabled and torch.is_grad_enabled():
+        return _torch_checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def split_rows(x: Tensor, chunks: list[Chunk], groups: bool = True) -> tuple[Tensor, ...]:
+    """Views of ``x`` for each chunk: rows [g0, g1) of a per-group tensor (``groups``) or [r0, r1) of a per-row one.
+
+    One ``torch.split`` node, so the backward pass assembles a single gradient for ``x`` (slicing chunk by chunk
+    would allocate a full-size gradient per chunk)."""
+    sizes = [(c.g1 - c.g0) if groups else (c.r1 - c.r0) for c in chunks]
+    return torch.split(x, sizes, dim=0)
