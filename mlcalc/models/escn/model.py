@@ -56,12 +56,28 @@ class ESCN(MLModel):
         resolution: S² grid resolution override (None: fairchem's per-(lmax, mmax) default).
         use_pbc, use_pbc_single, otf_graph, show_timing_info, activation_checkpoint: accepted, ignored.
 
+    Attributes:
+        chunk_size (edges, ``int | None``): number of edges whose messages are computed at once;
+            each chunk's messages are summed into the atoms before the next chunk is computed, so the per-edge
+            tensors of a call (e.g. gathered and rotated coefficients) exist for one chunk at a time: about
+            110 kB per edge at the OC20 sizes (lmax 6, mmax 2, 128 channels, float32). The atom-wise grid
+            MLP of every layer and the output heads take ``chunk_size // ATOMS_PER_EDGE_DIVISOR`` atoms at a
+            time (an atom's grid tensors, 210 points x 256 channels, are about 4 times an edge's). None: all
+            at once. Default ``DEFAULT_CHUNK_SIZE`` = 2048 edges, ~256 MB of transient tensors per chunk at those
+            sizes. Not a hyperparameter and not in the state_dict; results do not depend on it beyond float
+            rounding.
+
     forward(graph) -> {"energy": (B,), "forces": (N, 3)} raw (normalised) outputs in the dtype of graph.pos
     (energy only when ``regress_forces`` is False).
     """
 
     direct_forces = True
     supports_stress = False
+
+    #: default ``chunk_size`` (edges)
+    DEFAULT_CHUNK_SIZE = 2048
+    #: atoms per chunk of the atom-wise loops = chunk_size // this
+    ATOMS_PER_EDGE_DIVISOR = 4
 
     def __init__(
         self,
@@ -148,6 +164,14 @@ class ESCN(MLModel):
             for lmax in lmax_list
         )
         self._layouts: dict[tuple[torch.device, torch.dtype], ESCNLayout] = {}
+        self.chunk_size: int | None = self.DEFAULT_CHUNK_SIZE
+
+    @property
+    def atom_chunk_size(self) -> int | None:
+        """Atoms per chunk of the grid MLPs and output heads (None when ``chunk_size`` is None)."""
+        if self.chunk_size is None:
+            return None
+        return max(1, int(self.chunk_size) // self.ATOMS_PER_EDGE_DIVISOR)
 
     def layout(self, device: torch.device, dtype: torch.dtype) -> ESCNLayout:
         """Position-independent index maps and grid matrices, built once per (device, dtype)."""
@@ -159,14 +183,36 @@ class ESCN(MLModel):
         return layout
 
     def edge_frames(self, edge_vec: Tensor, layout: ESCNLayout) -> EdgeFrames:
-        """Wigner-D matrices of the edge frames per resolution (detached, as fairchem)."""
-        wigner = rotation_to_wigner(edge_rot_mat(edge_vec), max(self.lmax_list))
-        rotate, rotate_inv = [], []
-        for size, idx in zip(layout.num_coefficients, layout.reduced_index, strict=True):
-            w = wigner[:, idx, :size]
-            rotate.append(w.contiguous())
-            rotate_inv.append(w.transpose(1, 2).contiguous())
-        return EdgeFrames(rotate, rotate_inv)
+        """Wigner-D matrices of the edge frames per resolution (detached, as fairchem), for edge_vec (E, 3) in Å.
+
+        Built ``chunk_size`` edges at a time: the full (E, S, S) Wigner matrices are never held for all edges."""
+        num_edges = edge_vec.shape[0]
+        lmax = max(self.lmax_list)
+        rotate = [
+            edge_vec.new_empty((num_edges, int(idx.numel()), size))
+            for size, idx in zip(layout.num_coefficients, layout.reduced_index, strict=True)
+        ]
+        step = max(1, num_edges if self.chunk_size is None else int(self.chunk_size))
+        for start in range(0, num_edges, step):
+            end = min(start + step, num_edges)
+            wigner = rotation_to_wigner(edge_rot_mat(edge_vec[start:end]), lmax)
+            for out, size, idx in zip(rotate, layout.num_coefficients, layout.reduced_index, strict=True):
+                out[start:end] = wigner[:, idx, :size]
+        return EdgeFrames(rotate)
+
+    def heads(self, x: Tensor, layout: ESCNLayout) -> tuple[Tensor, Tensor | None]:
+        """Per-atom raw energy (n,) and direct force (n, 3) (None without a force head) of x (n, sum full, C), from
+        the channel values at the sphere points (n * P, R * C)."""
+        dtype = x.dtype
+        parts = torch.split(x, layout.num_coefficients, dim=1)
+        x_pt = torch.cat(
+            [torch.einsum("abc,pb->apc", p, w.to(dtype)) for p, w in zip(parts, self.sphharm_weights, strict=True)],
+            dim=2,
+        ).reshape(-1, self.sphere_channels_all)
+        node_energy = self.energy_block(x_pt).view(-1)
+        if not self.regress_forces:
+            return node_energy, None
+        return node_energy, self.force_block(x_pt, self.sphere_points.to(dtype))
 
     def _check_input(self, graph: AtomGraph) -> None:
         numbers = graph.numbers
@@ -198,20 +244,20 @@ class ESCN(MLModel):
             parts.append(part)
         x = torch.cat(parts, dim=1)
 
+        chunk, atom_chunk = self.chunk_size, self.atom_chunk_size
         for i, block in enumerate(self.layer_blocks):
-            update = block(x, numbers, edge_distance, edge_index, frames, layout)
+            update = block(x, numbers, edge_distance, edge_index, frames, layout, chunk, atom_chunk)
             x = update if i == 0 else x + update
+        del frames
 
-        # channel values at the sphere points: (N, P, R*C) -> (N*P, R*C)
-        parts = torch.split(x, layout.num_coefficients, dim=1)
-        x_pt = torch.cat(
-            [torch.einsum("abc,pb->apc", p, w.to(dtype)) for p, w in zip(parts, self.sphharm_weights, strict=True)],
-            dim=2,
-        ).reshape(-1, self.sphere_channels_all)
-
-        node_energy = self.energy_block(x_pt).view(-1)
+        # output heads on the channel values at the sphere points, atom_chunk atoms at a time
+        step = max(1, num_atoms if atom_chunk is None else atom_chunk)
+        heads = [self.heads(x[start : start + step], layout) for start in range(0, num_atoms, step)]
+        if not heads:  # no atoms
+            heads = [self.heads(x, layout)]
+        node_energy = heads[0][0] if len(heads) == 1 else torch.cat([h[0] for h in heads])
         energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) * 0.001
         if not self.regress_forces:
             return {"energy": energy}
-        forces = self.force_block(x_pt, self.sphere_points.to(dtype))
+        forces = heads[0][1] if len(heads) == 1 else torch.cat([h[1] for h in heads])
         return {"energy": energy, "forces": forces}

@@ -136,3 +136,9 @@ class EdgeFrames:
     wigner: list[Tensor]
     wigner_inv: list[Tensor]
     edge_index: Tensor
+
+    def slice(self, start: int, end: int) -> EdgeFrames:
+        """The frames of this resolution's edges [start, end) (views, no copy)."""
+        return EdgeFrames(
+            [w[start:end] for w in self.wigner], [w[start:end] for w in self.wigner_inv], self.edge_index[:, start:end]
+        )

@@ -118,25 +118,51 @@ class EdgeBlock(nn.Module):
         frames: list[EdgeFrames],
         bounds: list[int],
         consts: dict[str, Tensor | list[Tensor]],
+        chunk_size: int | None = None,
+        atom_chunk_size: int | None = None,
     ) -> Tensor:
-        """x: (N, S, sphere_channels); edges grouped by resolution, resolution r = edges bounds[r]:bounds[r+1]."""
+        """x: (N, S, sphere_channels); edges grouped by resolution, resolution r = edges bounds[r]:bounds[r+1];
+        edge_distance (E,) in Å. Messages are computed ``chunk_size`` edges at a time and summed into the atoms
+        chunk by chunk; the grid MLP runs ``atom_chunk_size`` atoms at a time (None: all at once)."""
         num_atoms, basis = x.shape[0], self.sphharm_list[0].sphere_basis
         c_red = self.sphere_channels_reduce
-        x_edge = self.dist_block(edge_distance, atomic_numbers[edge_index[0]], atomic_numbers[edge_index[1]])
         x_down = self.downsample(x.reshape(-1, self.sphere_channels)) if hasattr(self, "downsample") else x
         x_down = x_down.reshape(num_atoms, basis, c_red)
 
         x_new = x.new_zeros((num_atoms, basis, c_red))
         for r, block in enumerate(self.message_blocks):
             size = block.sphharm.sphere_basis
-            message = block(x_down[:, :size], x_edge[bounds[r] : bounds[r + 1]], frames[r], consts["combine"][r])
-            x_new[:, :size].index_add_(0, frames[r].edge_index[1], message)
+            first, last = bounds[r], bounds[r + 1]
+            step = max(1, (last - first) if chunk_size is None else int(chunk_size))
+            for start in range(first, last, step):
+                end = min(start + step, last)
+                index = edge_index[:, start:end]
+                x_edge = self.dist_block(
+                    edge_distance[start:end], gather(atomic_numbers, index[0]), gather(atomic_numbers, index[1])
+                )
+                chunk_frames = frames[r].slice(start - first, end - first)
+                message = block(x_down[:, :size], x_edge, chunk_frames, consts["combine"][r])
+                x_new[:, :size].index_add_(0, chunk_frames.edge_index[1], message)
 
+        step = max(1, num_atoms if atom_chunk_size is None else int(atom_chunk_size))
+        if step >= num_atoms:
+            return self.node_update(x_down, x_new, consts)
+        out = x.new_empty((num_atoms, basis, self.sphere_channels))
+        for start in range(0, num_atoms, step):
+            end = min(start + step, num_atoms)
+            out[start:end] = self.node_update(x_down[start:end], x_new[start:end], consts)
+        return out
+
+    def node_update(self, x_down: Tensor, x_new: Tensor, consts: dict[str, Tensor | list[Tensor]]) -> Tensor:
+        """Update (n, S, sphere_channels) from the previous (n, S, C) and aggregated (n, S, C) signals of n atoms
+        (C = sphere_channels_reduce): the pointwise grid MLP (use_grid), then the upsampling."""
+        num_atoms, basis, c_red = x_new.shape
         if self.use_grid:
             to_grid, from_grid = consts["to_grid"], consts["from_grid"]
             bands = self.sphharm_list[0].num_bands
             grid = [torch.einsum("gs,nsc->ngc", to_grid, v).reshape(-1, bands * c_red) for v in (x_down, x_new)]
             x_grid = self.act(self.fc1_sphere(torch.cat(grid, dim=1)))
+            del grid
             x_grid = self.fc3_sphere(self.act(self.fc2_sphere(x_grid)))
             x_new = torch.einsum("sg,ngc->nsc", from_grid, x_grid.view(num_atoms, -1, c_red))
 

@@ -46,10 +46,26 @@ class SCN(MLModel):
     ``forward(graph)`` returns raw (normalised) ``{"energy": (B,), "forces": (N, 3)}`` in the dtype of graph.pos.
     Ignored fairchem arguments: use_pbc, use_pbc_single, otf_graph (the graph comes from the calculator),
     show_timing_info, direct_forces (SCN's forces are always direct).
+
+    Attributes:
+        chunk_size (edges, ``int | None``): number of edges whose messages are computed at once (per resolution);
+            each chunk's messages are summed into the atoms before the next chunk is computed, so the per-edge
+            tensors of a call (e.g. gathered and rotated coefficients) exist for one chunk at a time: about
+            100 kB per edge at the OC20 sizes (lmax 6, mmax 1, 128 channels, float32). The atom-wise grid
+            MLP of every interaction and the output heads take ``chunk_size // ATOMS_PER_EDGE_DIVISOR`` atoms at a
+            time (an atom's grid tensors, 210 points x 256 channels, are about 6 times an edge's). None: all
+            at once. Default ``DEFAULT_CHUNK_SIZE`` = 2048 edges, ~256 MB of transient tensors per chunk at those
+            sizes. Not a hyperparameter and not in the state_dict; results do not depend on it beyond float
+            rounding.
     """
 
     direct_forces = True
     supports_stress = False
+
+    #: default ``chunk_size`` (edges)
+    DEFAULT_CHUNK_SIZE = 2048
+    #: atoms per chunk of the atom-wise loops = chunk_size // this
+    ATOMS_PER_EDGE_DIVISOR = 6
 
     def __init__(
         self,
@@ -137,6 +153,14 @@ class SCN(MLModel):
         self.force_fc2 = nn.Linear(sphere_channels, sphere_channels_reduce)
         self.force_fc3 = nn.Linear(sphere_channels_reduce, 1)
         self._consts: dict[tuple[torch.device, torch.dtype], dict[str, Any]] = {}
+        self.chunk_size: int | None = self.DEFAULT_CHUNK_SIZE
+
+    @property
+    def atom_chunk_size(self) -> int | None:
+        """Atoms per chunk of the grid MLPs and output heads (None when ``chunk_size`` is None)."""
+        if self.chunk_size is None:
+            return None
+        return max(1, int(self.chunk_size) // self.ATOMS_PER_EDGE_DIVISOR)
 
     # ------------------------------------------------------------------ constants
     def constants(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -206,17 +230,31 @@ class SCN(MLModel):
 
         x = pos.new_zeros((num_atoms, self.sphere_basis, self.sphere_channels))
         x[:, 0, :] = self.sphere_embedding(numbers)
+        chunk, atom_chunk = self.chunk_size, self.atom_chunk_size
         for i, block in enumerate(self.edge_blocks):
-            update = block(x, numbers, distance, edge_index, frames, bounds, consts)
+            update = block(x, numbers, distance, edge_index, frames, bounds, consts, chunk, atom_chunk)
             x = update if i == 0 else x + update
+        del frames
 
-        # sample the atoms' spherical functions at the sphere points: (N, P, C)
+        # output heads on the sphere points, atom_chunk atoms at a time
+        step = max(1, num_atoms if atom_chunk is None else atom_chunk)
+        heads = [self.heads(x[start : start + step], consts) for start in range(0, num_atoms, step)]
+        if not heads:  # no atoms
+            heads = [self.heads(x, consts)]
+        node_energy = heads[0][0] if len(heads) == 1 else torch.cat([h[0] for h in heads])
+        forces = heads[0][1] if len(heads) == 1 else torch.cat([h[1] for h in heads])
+        energy = scatter_sum(node_energy, graph.batch, graph.num_graphs)
+        return {"energy": energy, "forces": forces}
+
+    def heads(self, x: Tensor, consts: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Per-atom raw energy (n,) and direct force (n, 3) of x (n, S, C), from its values at the sphere points."""
+        num_atoms = x.shape[0]
+        # sample the atoms' spherical functions at the sphere points: (n, P, C)
         x_points = torch.einsum("abc,pb->apc", x, consts["point_harmonics"]).reshape(-1, self.sphere_channels)
         node_energy = self.energy_fc3(self.act(self.energy_fc2(self.act(self.energy_fc1(x_points)))))
         node_energy = node_energy.view(num_atoms, self.num_sphere_samples).sum(dim=1) / self.num_sphere_samples
-        energy = scatter_sum(node_energy, graph.batch, graph.num_graphs)
 
         force_mag = self.force_fc3(self.act(self.force_fc2(self.act(self.force_fc1(x_points)))))
         force_mag = force_mag.view(num_atoms, self.num_sphere_samples, 1)
         forces = (force_mag * consts["points"].view(1, -1, 3)).sum(dim=1) / self.num_sphere_samples
-        return {"energy": energy, "forces": forces}
+        return node_energy, forces
