@@ -21,6 +21,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlcalc.checkpoint import load_model
 from mlcalc.graph import AtomGraph, check_cell, radius_graph
+from mlcalc.memory import check_fits
 from mlcalc.models.base import MLModel
 from mlcalc.nn.scatter import gather
 from mlcalc.structures import as_atoms
@@ -317,6 +318,9 @@ class MLCalculator(Calculator):
             the candidate pairs within cutoff + skin are kept and reused until an atom has moved skin/2 or the
             cell, pbc or atoms change (``mlcalc.graph.reuse.NeighborCache``, a Verlet-list skin); the graph and
             the results are bit-identical to skin=0. 1-2 Å suits MD. ``neighbor_stats`` counts builds and reuses.
+        check_memory: before each evaluation, compare the model's estimate of the call's peak memory with what the
+            device has free and raise MemoryError naming the system's size when it cannot fit (``mlcalc.memory``;
+            on Linux an out-of-memory CPU process is otherwise killed without a Python error). On by default.
 
     Results (ASE units, float64 numpy): energy and free_energy (eV), forces (N, 3) eV/Å, and for models whose
     forces are -dE/dx, stress (Voigt xx yy zz yz xz xy, eV/Å³) from the strain derivative when the cell is 3-D.
@@ -348,6 +352,7 @@ class MLCalculator(Calculator):
         skin: float = 0.0,
         matmul_precision: str = "highest",
         compile: bool = False,
+        check_memory: bool = True,
         **kwargs: Any,
     ) -> None:
         from mlcalc.graph.reuse import NeighborCache
@@ -356,6 +361,7 @@ class MLCalculator(Calculator):
             raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
         self.matmul_precision = matmul_precision
         self.compile = bool(compile)
+        self.check_memory = bool(check_memory)
         self._compiled_forward: Callable[[AtomGraph], dict[str, torch.Tensor]] | None = None
         skin = float(skin)
         if not np.isfinite(skin) or skin < 0:
@@ -569,8 +575,11 @@ class MLCalculator(Calculator):
     def evaluate(self, graph: AtomGraph, stress: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
         """``evaluate_model`` with this calculator's model: denormalised energy (B,), forces (N, 3), stress.
 
-        Runs under this calculator's ``matmul_precision`` (restored afterwards). Running out of memory (CPU
-        allocator or CUDA) raises MemoryError naming the size of the system, not torch's allocator message."""
+        Runs under this calculator's ``matmul_precision`` (restored afterwards). A system whose estimated peak
+        exceeds the free memory (``check_memory``), or that runs out of memory (CPU allocator or CUDA), raises
+        MemoryError naming the size of the system, not torch's allocator message."""
+        if self.check_memory:
+            check_fits(self.model, graph, self.device, self.dtype)
         try:
             with matmul_precision(self.matmul_precision):
                 return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph,

@@ -67,6 +67,13 @@ class MLModel(nn.Module):
         #: ``elementrefs`` / a linear reference fitted on the training set); empty = none
         self.element_references: dict[int, float] = {}
 
+    def estimate_memory(self, graph: AtomGraph) -> int | None:
+        """Estimated peak bytes one energy + forces evaluation of ``graph`` adds, in float32 (None: no estimate).
+
+        Used by the calculator to refuse a system that cannot fit (``mlcalc.memory.check_fits``); models fit it to
+        ``benchmarks/memory.py`` measurements (resident memory, allocator overhead included)."""
+        return None
+
     def capture_hparams(self, frame_locals: dict[str, Any]) -> None:
         """Record the constructor arguments (call as ``self.capture_hparams(locals())`` in ``__init__``)."""
         sig = inspect.signature(type(self).__init__)

@@ -1,0 +1,105 @@
+"""Refuse a system that cannot fit in memory before evaluating it.
+
+A model that runs out of memory midway does not always fail cleanly: a CUDA allocation raises (mlcalc turns that
+into MemoryError), but on Linux an over-committed CPU process is usually killed by the kernel's OOM killer, with no
+Python error at all. So before each evaluation the calculator compares the model's estimate of the call's peak
+(``MLModel.estimate_memory``: a linear function of atoms, edges and triplets fitted to ``benchmarks/memory.py``
+measurements, with the allocator's overhead) with the memory the device has free, and raises MemoryError naming the
+size of the system when it cannot fit.
+
+Free memory: on CUDA, ``torch.cuda.mem_get_info`` plus what torch's caching allocator holds unused; on Linux CPUs,
+``MemAvailable`` of /proc/meminfo, lowered to the cgroup's remaining limit (containers, batch schedulers) when there
+is one. Where it cannot be read, nothing is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), or None without a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # v2 unified hierarchy
+            base = Path("/sys/fs/cgroup") / rel.lstrip("/")
+            limit, usage = _read_int(base / "memory.max"), _read_int(base / "memory.current")
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            limit, usage = _read_int(base / "memory.limit_in_bytes"), _read_int(base / "memory.usage_in_bytes")
+            if limit is not None and limit >= 1 << 60:  # v1 "no limit"
+                limit = None
+        else:
+            continue
+        if limit is not None and usage is not None:
+            return max(limit - usage, 0)
+    return None
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Bytes an evaluation on ``device`` can still allocate, or None where that cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except (RuntimeError, AssertionError):
+            return None
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type != "cpu":
+        return None
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        return None
+    headroom = _cgroup_headroom()
+    if available is not None and headroom is not None:
+        return min(available, headroom)
+    return available if available is not None else headroom
+
+
+def check_fits(model: torch.nn.Module, graph, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raise MemoryError when ``model.estimate_memory(graph)`` (bytes at float32, scaled to ``dtype``) exceeds
+    ``available_bytes(device)``. No-op for models without an estimate or devices without a reading."""
+    estimate_fn = getattr(model, "estimate_memory", None)
+    estimate = estimate_fn(graph) if estimate_fn is not None else None
+    if not estimate:
+        return
+    estimate = int(estimate * torch.empty((), dtype=dtype).element_size() / 4)
+    available = available_bytes(device)
+    if available is None or estimate <= available:
+        return
+    name = getattr(model, "registry_name", type(model).__name__)
+    raise MemoryError(
+        f"{name} needs about {estimate / GIB:.1f} GiB for {graph.num_atoms} atoms in {graph.num_graphs} "
+        f"structure(s) ({graph.num_edges} edges within {model.cutoff:g} Å), more than the {available / GIB:.1f} GiB "
+        f"free on {device}: use smaller batches (predict(batch_size=...)), fewer atoms per structure or a machine "
+        f"with more memory (the estimate is a fit to benchmarks/memory.py; check_memory=False on the calculator "
+        f"skips this check)"
+    )

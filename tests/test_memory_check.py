@@ -1,0 +1,59 @@
+"""The calculator refuses a system whose estimated peak memory exceeds what the device has free."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+import mlcalc.memory
+from mlcalc import MLCalculator
+from mlcalc.models.lennard_jones import LennardJones
+from mlcalc.models.spherenet import SphereNet
+from mlcalc.models.spherenet.geometry import build_triplets
+
+
+def test_available_bytes_cpu():
+    available = mlcalc.memory.available_bytes("cpu")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/meminfo")
+    assert available is not None and 0 < available < 1 << 50
+
+
+def test_refuses_what_cannot_fit(monkeypatch):
+    model = LennardJones(sigma=2.338, epsilon=0.4093, rc=5.0)
+    model.estimate_memory = lambda graph: 10 * 1024**3 * graph.num_atoms  # 10 GiB per atom in float32
+    monkeypatch.setattr(mlcalc.memory, "available_bytes", lambda device: 16 * 1024**3)
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.calc = MLCalculator(model, device="cpu", dtype="float64")
+    with pytest.raises(MemoryError, match=r"needs about 80\.0 GiB for 4 atoms .* 16\.0 GiB free on cpu"):
+        atoms.get_potential_energy()
+    single = atoms[:1].copy()
+    single.calc = MLCalculator(model, device="cpu", dtype="float32")
+    assert np.isfinite(single.get_potential_energy())  # 10 GiB <= 16 GiB: runs
+    atoms.calc = MLCalculator(model, device="cpu", dtype="float64", check_memory=False)
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_spherenet_estimate_counts_the_triplets():
+    """The estimate's cheap triplet count (from the degrees) is the model's own triplet count (to 1 %: under
+    max_num_neighbors an edge's reverse is not always in the graph)."""
+    model = SphereNet()
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (4, 4, 4)
+    atoms.rattle(0.05, seed=0)
+    graph = MLCalculator(model, device="cpu").build_graph(atoms)
+    idx_kj, _ = build_triplets(graph.edge_index, graph.cell_offsets, graph.num_atoms)
+    assert model.estimate_memory(graph) - 0.9 * 1024**3 == pytest.approx(1300 * idx_kj.numel(), rel=1e-2)
+
+
+def test_float64_doubles_the_estimate(monkeypatch):
+    model = LennardJones(sigma=2.338, epsilon=0.4093, rc=5.0)
+    model.estimate_memory = lambda graph: 8 * 1024**3
+    monkeypatch.setattr(mlcalc.memory, "available_bytes", lambda device: 12 * 1024**3)
+    atoms = bulk("Cu", "fcc", a=3.61)
+    mlcalc.memory.check_fits(model, MLCalculator(model).build_graph(atoms), "cpu", torch.float32)
+    with pytest.raises(MemoryError, match="16.0 GiB"):
+        mlcalc.memory.check_fits(model, MLCalculator(model).build_graph(atoms), "cpu", torch.float64)
