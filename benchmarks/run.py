@@ -7,8 +7,9 @@ precision.py (time and accuracy per matmul precision, OC20-size models), gemnet_
 side by side with fairchem 1.10 when ``--fairchem VENV`` names the reference environment, whose python then runs
 them; it needs ``pip install vesin platformdirs`` there and imports mlcalc from this checkout), graph.py (radius
 graph vs vesin and ASE), skin.py (graph time per MD step with and without neighbour reuse), relax_batched.py
-(mlcalc.optimize vs ASE one by one), inference_server.py (16 concurrent relaxations vs one by one) and
-ray_overhead.py (mlcalc.distributed on a local Ray vs serial).
+(mlcalc.optimize vs ASE one by one), inference_server.py (16 concurrent relaxations vs one by one),
+ray_overhead.py (mlcalc.distributed on a local Ray vs serial) and memory.py (time and peak memory of one call at
+1k / 5k / 20k atoms; the full run takes about an hour on one core).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
          ["relax_batched.py", "--structures", "8" if q else "32"]),
         ("Concurrent relaxations through InferenceServer", ours, ["inference_server.py", "--n", "4" if q else "16"]),
         ("Ray overhead per structure (local, 2 workers)", ours, ["ray_overhead.py", "--n", "16" if q else "64"]),
+        ("Time and peak memory of one call on large fcc Cu cells", ours,
+         ["memory.py", "--sizes", *(["1000"] if q else ["1000", "5000", "20000"])]),
     ]
     command = "./run python benchmarks/run.py" + (" --quick" if q else "")
     command += " --fairchem VENV" if args.fairchem else ""
