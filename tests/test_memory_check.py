@@ -57,3 +57,17 @@ def test_float64_doubles_the_estimate(monkeypatch):
     mlcalc.memory.check_fits(model, MLCalculator(model).build_graph(atoms), "cpu", torch.float32)
     with pytest.raises(MemoryError, match="16.0 GiB"):
         mlcalc.memory.check_fits(model, MLCalculator(model).build_graph(atoms), "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("family", ["spherenet", "escn", "scn"])
+def test_every_large_model_refuses_before_evaluating(family, monkeypatch):
+    """With 1 MiB free, each graph model refuses a 32-atom cell with MemoryError before its forward runs."""
+    from test_chunking_escn_scn import _escn, _scn
+
+    model = {"spherenet": lambda: SphereNet(num_layers=1), "escn": _escn, "scn": _scn}[family]()
+    monkeypatch.setattr(mlcalc.memory, "available_bytes", lambda device: 1024**2)
+    monkeypatch.setattr(type(model), "forward", lambda self, graph: pytest.fail("forward ran"))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
+    atoms.calc = MLCalculator(model, device="cpu")
+    with pytest.raises(MemoryError, match=r"for 32 atoms in 1 structure\(s\) \(\d+ edges within"):
+        atoms.get_forces()

@@ -214,6 +214,13 @@ class ESCN(MLModel):
             return node_energy, None
         return node_energy, self.force_block(x_pt, self.sphere_points.to(dtype))
 
+    def estimate_memory(self, graph: AtomGraph) -> int:
+        """Peak bytes of one call (float32, resident memory): 0.6 GiB + 11,500 B per edge, fitted to
+        ``benchmarks/memory.py`` on rattled fcc Cu with
+        eSCN L6-M2-Lay12 (1,008 / 5,324 atoms, 20k / 106k edges: 0.82 / 1.72 GiB measured);
+        the per-edge work runs ``chunk_size`` edges at a time, so larger models mostly add to the constant."""
+        return int(0.6 * 1024**3 + 11500 * graph.num_edges)
+
     def _check_input(self, graph: AtomGraph) -> None:
         numbers = graph.numbers
         if numbers.numel() and (int(numbers.min()) < 0 or int(numbers.max()) >= self.max_num_elements):

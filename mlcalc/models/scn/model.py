@@ -206,6 +206,13 @@ class SCN(MLModel):
         return frames
 
     # ------------------------------------------------------------------ forward
+    def estimate_memory(self, graph: AtomGraph) -> int:
+        """Peak bytes of one call (float32, resident memory): 0.65 GiB + 2,600 B per edge, fitted to
+        ``benchmarks/memory.py`` on rattled fcc Cu with
+        SCN t1-b1 (1,008 / 5,324 atoms, 40k / 213k edges: 0.74 / 1.14 GiB measured);
+        the per-edge work runs ``chunk_size`` edges at a time, so larger models mostly add to the constant."""
+        return int(0.65 * 1024**3 + 2600 * graph.num_edges)
+
     def forward(self, graph: AtomGraph) -> dict[str, Tensor]:
         pos = graph.pos
         dtype, device = pos.dtype, pos.device
