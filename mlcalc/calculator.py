@@ -8,7 +8,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -24,6 +24,7 @@ from mlcalc.graph import AtomGraph, check_cell, radius_graph
 from mlcalc.memory import check_fits
 from mlcalc.models.base import MLModel
 from mlcalc.nn.scatter import gather
+from mlcalc.precision import Bfloat16Linears, cpu_has_bfloat16
 from mlcalc.structures import as_atoms
 
 logger = logging.getLogger(__name__)
@@ -118,19 +119,24 @@ _PRECISION_LOCK = threading.RLock()
 
 
 @contextmanager
-def matmul_precision(precision: str) -> Iterator[None]:
+def matmul_precision(precision: str, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block with ``torch.set_float32_matmul_precision(precision)`` and restore the previous setting.
 
     Process-wide torch state, so the block holds a process-wide lock: no other mlcalc evaluation (of any
-    calculator, in any thread) runs with a precision it did not ask for."""
+    calculator, in any thread) runs with a precision it did not ask for. With "medium" on a CPU ``device`` that
+    multiplies bfloat16 natively, the block also runs the linear layers in bfloat16 (``mlcalc.precision``; torch's
+    setting alone changes nothing on CPUs)."""
     if precision not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    cpu_bf16 = precision == "medium" and on_cpu and cpu_has_bfloat16()
     with _PRECISION_LOCK:
         previous = torch.get_float32_matmul_precision()
         if previous != precision:
             torch.set_float32_matmul_precision(precision)
         try:
-            yield
+            with Bfloat16Linears() if cpu_bf16 else nullcontext():
+                yield
         finally:
             if torch.get_float32_matmul_precision() != previous:
                 torch.set_float32_matmul_precision(previous)
@@ -305,7 +311,8 @@ class MLCalculator(Calculator):
         device: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
         dtype: torch.float32 (default) or torch.float64 (or the strings); per instance, never global.
         matmul_precision: "highest" (default: float32 matmuls), "high" (TF32 on CUDA; float32 on CPU) or "medium"
-            (bfloat16 matmuls with float32 accumulation on CPUs with AMX/AVX512-BF16 and on CUDA; everything else
+            (CUDA: bfloat16 matmuls with float32 accumulation; CPUs with AVX512-BF16 or AMX-BF16: the linear
+            layers run as bfloat16 products with float32 accumulation, ``mlcalc.precision``; everything else
             stays float32); torch's ``set_float32_matmul_precision`` words. Per instance: set for the duration of
             each evaluation and restored after, under a process-wide lock (evaluations of calculators in different
             threads run one at a time). No effect on float64 calculators. ``benchmarks/precision.py`` measures
@@ -581,7 +588,7 @@ class MLCalculator(Calculator):
         if self.check_memory:
             check_fits(self.model, graph, self.device, self.dtype)
         try:
-            with matmul_precision(self.matmul_precision):
+            with matmul_precision(self.matmul_precision, self.device):
                 return evaluate_model(self.model, graph, stress=stress, create_graph=create_graph,
                                       forward=self._forward())
         except RuntimeError as err:  # torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError

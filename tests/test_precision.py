@@ -10,7 +10,7 @@ import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
 
-from mlcalc import load_calculator
+from mlcalc import MLCalculator, load_calculator
 from mlcalc.calculator import matmul_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +78,67 @@ def test_medium_stays_close_to_highest_and_highest_is_unchanged() -> None:
 def test_bad_precision() -> None:
     with pytest.raises(ValueError, match="matmul_precision"):
         load_calculator(GEMNET, device="cpu", matmul_precision="low")
+
+
+# ------------------------------------------------------------------------------------- bfloat16 linears on CPUs
+def test_bfloat16_linears_numerics() -> None:
+    """In the mode, F.linear is the bfloat16 product (rounded inputs, rounded product) plus the float32 bias."""
+    from mlcalc.precision import Bfloat16Linears
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g), torch.randn(16, generator=g)
+    with Bfloat16Linears():
+        got = torch.nn.functional.linear(x, w, b)
+        other = x @ w.T  # not a linear layer: untouched
+    expected = (x.bfloat16() @ w.bfloat16().T).float() + b
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert torch.equal(other, x @ w.T)
+    assert not torch.equal(got, torch.nn.functional.linear(x, w, b))  # bfloat16 rounding is visible
+
+
+def _mm_dtypes(calc, atoms) -> set:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        calc.predict([atoms])
+    return seen
+
+
+def test_medium_runs_linears_in_bfloat16_on_cpu() -> None:
+    from torch.overrides import _get_current_function_mode_stack
+
+    from mlcalc.precision import cpu_has_bfloat16
+
+    slab = _slab()
+    highest = load_calculator(GEMNET, device="cpu")
+    medium = load_calculator(GEMNET, device="cpu", matmul_precision="medium")
+    assert torch.bfloat16 not in _mm_dtypes(highest, slab)
+    if not cpu_has_bfloat16():
+        pytest.skip("this CPU has no native bfloat16: medium leaves CPU matmuls in float32")
+    assert torch.bfloat16 in _mm_dtypes(medium, slab)
+    assert _get_current_function_mode_stack() == []  # nothing left active after the evaluation
+
+
+def test_medium_under_activation_checkpointing() -> None:
+    """Checkpointed runs are recomputed in the backward pass with the linears still in bfloat16 (same metadata as the
+    forward), and medium stays close to highest (SphereNet, 256 atoms in runs of 2,000 triplets)."""
+    from test_spherenet_memory import copper, model
+
+    m = model()
+    m.chunk_size = 2000
+    atoms = copper(4)
+    out = {}
+    for precision in ("highest", "medium"):
+        a = atoms.copy()
+        a.calc = MLCalculator(m, device="cpu", matmul_precision=precision)
+        out[precision] = a.get_forces()
+    scale = np.abs(out["highest"]).max()
+    assert np.abs(out["medium"] - out["highest"]).max() < 0.05 * scale

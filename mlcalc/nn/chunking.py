@@ -10,13 +10,15 @@ and the largest transient is one chunk's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
@@ -62,11 +64,27 @@ def checkpoint(fn: Callable[..., Any], *args: Any, enabled: bool) -> Any:
     """``fn(*args)``, under ``torch.utils.checkpoint`` (non-reentrant) when ``enabled`` and gradients are recorded.
 
     Checkpointed, autograd keeps only the inputs and runs ``fn`` again in the backward pass; ``fn`` must be
-    deterministic (same outputs when recomputed), which all mlcalc model code is.
+    deterministic (same outputs when recomputed), which all mlcalc model code is. Torch function modes active now
+    that can be re-entered (a ``for_recompute()`` method, e.g. ``mlcalc.precision.Bfloat16Linears``) are active
+    during the recomputation too (the backward pass runs outside them), so it computes what the forward did.
     """
-    if enabled and torch.is_grad_enabled():
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+    modes = [m for m in _get_current_function_mode_stack() if hasattr(m, "for_recompute")]
+    if not modes:
         return _torch_checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+
+    @contextmanager
+    def recompute() -> Iterator[None]:
+        with ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode.for_recompute())
+            yield
+
+    def contexts() -> tuple[Any, Any]:
+        return nullcontext(), recompute()
+
+    return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
 
 
 def split_rows(x: Tensor, chunks: list[Chunk], groups: bool = True) -> tuple[Tensor, ...]:
