@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--no-fairchem", action="store_true", help="skip fairchem even if importable")
+    parser.add_argument(
+        "--modes", default="highest,medium", help="mlcalc modes, comma-separated: highest, high, medium, +compile"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -82,36 +85,51 @@ def main() -> None:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = GemNetOC(**BASE_HPARAMS)
-    calc = GemNetOCCalculator(model, device="cpu", dtype=dtype)
+    modes = [(m.removesuffix("+compile"), m.endswith("+compile")) for m in args.modes.split(",")]
+    calcs = {
+        m: GemNetOCCalculator(model, device="cpu", dtype=dtype, matmul_precision=p, compile=c)
+        for m, (p, c) in zip(args.modes.split(","), modes, strict=True)
+    }
+    calc = next(iter(calcs.values()))
     reference = None if args.no_fairchem else fairchem_runner(
         "fairchem.core.models.gemnet_oc.gemnet_oc.GemNetOC", model, dtype, scale_file=None
     )
 
-    def ours(atoms: Atoms) -> None:
-        calc.calculate(atoms, ["energy", "forces"])
-
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     print(f"GemNet-OC base (OC20 all), {n_params / 1e6:.1f} M parameters, random weights, {args.dtype}, CPU, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} calls")  # fmt: skip
-    header = f"{'structure':<26}{'atoms':>6}{'a2a':>9}{'main':>8}{'triplets':>10}{'quads':>10}{'mlcalc s/call':>15}"
+          f"{torch.get_num_threads()} threads, median of {args.repeats} calls; fairchem in float32 "
+          f"(highest); mlcalc per matmul_precision mode (+compile: torch.compile, first call excluded)")  # fmt: skip
+    header = (f"{'structure':<26}{'atoms':>6}{'a2a':>9}{'main':>8}{'triplets':>10}{'quads':>10}{'mode':>17}"
+              f"{'mlcalc s/call':>15}")  # fmt: skip
     if reference is not None:
         header += f"{'fairchem s/call':>17}{'speed-up':>10}{'|dE|/|E|':>10}"
     print(header)
     for name, atoms in [("Cu(111) 3x3x4 + O", slab_with_adsorbate()), ("Cu fcc bulk 500", bulk_500())]:
         stats = graph_stats(calc.model, calc, atoms)
-        t_ours, _ = time_calls(ours, atoms, args.repeats)
-        row = (f"{name:<26}{len(atoms):>6}{stats['a2a']:>9}{stats['main']:>8}{stats['triplets']:>10}"
-               f"{stats['quadruplets']:>10}{t_ours:>15.3f}")  # fmt: skip
-        if reference is not None:
-            try:
-                t_ref, _ = time_calls(reference, atoms, args.repeats)
-            except RuntimeError as err:  # fairchem 1.10 fails on an empty quadruplet graph (no tagged atoms)
-                row += f"{'fails':>17}  ({str(err).splitlines()[0][:50]}...)"
-            else:
-                calc.calculate(atoms, ["energy"])
-                e_ours, e_ref = calc.results["energy"], reference(atoms)
-                row += f"{t_ref:>17.3f}{t_ref / t_ours:>10.2f}{abs(e_ours - e_ref) / abs(e_ref):>10.1e}"
-        print(row, flush=True)
+        t_ref, ref_error = None, None
+        for mode, c in calcs.items():
+            if c.compile:
+                c.calculate(atoms.copy(), ["energy", "forces"])  # compiles
+
+            def ours(atoms: Atoms, c: GemNetOCCalculator = c) -> None:
+                c.calculate(atoms, ["energy", "forces"])
+
+            t_ours, _ = time_calls(ours, atoms, args.repeats)
+            row = (f"{name:<26}{len(atoms):>6}{stats['a2a']:>9}{stats['main']:>8}{stats['triplets']:>10}"
+                   f"{stats['quadruplets']:>10}{mode:>17}{t_ours:>15.3f}")  # fmt: skip
+            if reference is not None:
+                if t_ref is None and ref_error is None:
+                    try:
+                        t_ref, _ = time_calls(reference, atoms, args.repeats)
+                    except RuntimeError as err:  # fairchem 1.10 fails on an empty quadruplet graph (no tagged atoms)
+                        ref_error = str(err).splitlines()[0][:50]
+                if ref_error is not None:
+                    row += f"{'fails':>17}  ({ref_error}...)"
+                else:
+                    c.calculate(atoms, ["energy"])
+                    e_ours, e_ref = c.results["energy"], reference(atoms)
+                    row += f"{t_ref:>17.3f}{t_ref / t_ours:>10.2f}{abs(e_ours - e_ref) / abs(e_ref):>10.1e}"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
