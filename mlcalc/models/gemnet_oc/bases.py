@@ -217,12 +217,14 @@ class CircularBasisLayer(nn.Module):
             return getattr(self, COS_BASIS_NAME)(cos_angle)
         return zonal_harmonics(cos_angle, self.num_spherical)
 
+    def angular(self, cos_angle: Tensor) -> Tensor:
+        """(T,) cosines -> (T, num_spherical), scaled if scale_basis."""
+        cir = self.cos_basis(cos_angle)
+        return self.scale_cbf(cir) if self.scale_basis else cir
+
     def forward(self, d: Tensor, cos_angle: Tensor) -> tuple[Tensor, Tensor]:
         """(E,) distances, (T,) cosines -> (E, num_radial), (T, num_spherical)."""
-        cir = self.cos_basis(cos_angle)
-        if self.scale_basis:
-            cir = self.scale_cbf(cir)
-        return self.radial_basis(d), cir
+        return self.radial_basis(d), self.angular(cos_angle)
 
 
 class SphericalBasisLayer(nn.Module):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mlcalc.graph import select_neighbors
 from mlcalc.models.gemnet_oc.layers import Aggregation
+from mlcalc.nn.chunking import Chunk
 
 
 @dataclass
@@ -207,3 +208,54 @@ def resolve_kmax(aggs: list[Aggregation]) -> None:
     maxima = torch.stack([a.inner.max() + 1 if a.inner.numel() > 0 else zero for a in aggs]).tolist()
     for agg, kmax in zip(aggs, maxima, strict=True):
         agg.kmax = int(kmax)
+
+
+def _row_starts(agg: Aggregation) -> Tensor:
+    """(size + 1,) offset of each slot's first row when the rows are sorted by slot (the last entry is R)."""
+    counts = torch.bincount(agg.outer, minlength=agg.size)
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def plan_chunks(
+    layouts: list[tuple[Aggregation, int]], nested: list[tuple[Aggregation, Aggregation]] | None = None
+) -> None:
+    """Split each layout into chunks of whole slots holding at most its budget of padded rows (slots x kmax; at
+    least one slot per chunk), in place, with one device sync; kmax must be resolved.
+
+    layouts: (layout, padded rows per chunk). ``nested``: pairs (outer, inner) where the rows of ``outer`` are
+    the slots of ``inner`` (edges -> atoms over triplets -> edges): a chunk of outer slots then pads slots x
+    outer.kmax x inner.kmax rows of inner, and, when outer's rows are sorted by slot, gets the range of inner rows
+    it covers (``Aggregation.inner_rows``). A layout whose slots are not ascending gets ``order`` (its rows
+    sorted by slot, stable).
+    """
+    if not layouts:
+        return
+    inner_of = {id(outer): inner for outer, inner in (nested or [])}
+    device = layouts[0][0].outer.device
+    parts: list[Tensor] = []
+    slot_bounds: list[list[int]] = []
+    for agg, budget in layouts:
+        inner = inner_of.get(id(agg))
+        width = max(agg.kmax, 1) * (max(inner.kmax, 1) if inner is not None else 1)
+        per_chunk = max(1, budget // width)
+        bounds = [*range(0, agg.size, per_chunk), agg.size] if agg.size > 0 else [0, 0]
+        slot_bounds.append(bounds)
+        row_bounds = _row_starts(agg)[torch.tensor(bounds, device=device)]
+        unsorted = (agg.outer[1:] < agg.outer[:-1]).any() if agg.outer.numel() > 1 else torch.zeros((), device=device)
+        parts += [row_bounds, unsorted.long().view(1)]
+        if inner is not None:
+            parts.append(_row_starts(inner)[row_bounds])
+    values = torch.cat(parts).tolist()
+    pos = 0
+    for (agg, _), bounds in zip(layouts, slot_bounds, strict=True):
+        n = len(bounds)
+        row_bounds, unsorted = values[pos : pos + n], bool(values[pos + n])
+        pos += n + 1
+        agg.chunks = [Chunk(bounds[i], bounds[i + 1], row_bounds[i], row_bounds[i + 1]) for i in range(n - 1)]
+        agg.order = torch.argsort(agg.outer, stable=True) if unsorted else None
+        agg.inner_rows = None
+        if id(agg) in inner_of:
+            inner_bounds = values[pos : pos + n]
+            pos += n
+            if not unsorted:
+                agg.inner_rows = [(inner_bounds[i], inner_bounds[i + 1]) for i in range(n - 1)]

@@ -9,12 +9,16 @@ from torch import Tensor, nn
 
 from mlcalc.models.gemnet_oc.indices import Quadruplets, Triplets
 from mlcalc.models.gemnet_oc.layers import (
+    PLAIN,
     Aggregation,
+    Chunking,
     Dense,
     EdgeEmbedding,
     EfficientInteractionBilinear,
     ResidualLayer,
     ScaleFactor,
+    map_rows,
+    run_chunks,
 )
 from mlcalc.models.gemnet_oc.output import AtomUpdateBlock
 from mlcalc.nn.scatter import gather
@@ -49,21 +53,29 @@ class QuadrupletInteraction(nn.Module):
             self.up_projection_ac = Dense(emb_size_quad_out, emb_size_edge, activation=activation)
         self.inv_sqrt_2 = 1 / math.sqrt(2.0)
 
-    def forward(self, m: Tensor, bases: dict, quad: Quadruplets, id_swap: Tensor) -> Tensor:
+    def forward(self, m: Tensor, bases: dict, quad: Quadruplets, id_swap: Tensor, chunking: Chunking = PLAIN) -> Tensor:
         """m: (E, emb_size_edge) main-edge embeddings -> (E, emb_size_edge)."""
-        x_db = self.dense_db(m)
-        x_db = self.scale_rbf(x_db * self.mlp_rbf(bases["rad"]))  # rbf(d_db)
-        x_db = self.down_projection(x_db)
-        x_db = gather(x_db, quad.triplet_in.in_)  # (T_in, quad_in)
-        x_db = self.scale_cbf(x_db * self.mlp_cbf(bases["cir"]))  # cbf(d_ba, angle abd)
-        x_db = gather(x_db, quad.trip_in_to_quad)  # (Q, quad_in)
-        x = self.mlp_sbf(bases["sph"], x_db, quad.agg)  # sbf(d_ca, angle cab, dihedral cabd) summed onto c -> a
+        x_db = map_rows(self.project_db, [m, bases["rad"]], (), chunking)  # (E, quad_in), rbf(d_db)
+        # cbf(d_ba, angle abd) per input triplet d -> b -> a: (T_in, quad_in)
+        x_db = map_rows(self.triplet_rows, [quad.triplet_in.in_, bases["cir"]], (x_db,), chunking)
+        # sbf(d_ca, angle cab, dihedral cabd) summed onto c -> a over quadruplets (rows x_db[trip_in_to_quad])
+        x = self.mlp_sbf(bases["sph"], x_db, quad.agg, index=quad.trip_in_to_quad, chunking=chunking)
         x = self.scale_sbf_sum(x)
         if not self.symmetric_mp:
-            return self.up_projection_ca(x)
-        x_ca = self.up_projection_ca(x)
-        x_ac = gather(self.up_projection_ac(x), id_swap)
-        return x_ca.add_(x_ac).mul_(self.inv_sqrt_2)  # x_ca is fresh: in place
+            return map_rows(self.up_projection_ca, [x], (), chunking)
+        return map_rows(self.project_out, [x, gather(x, id_swap)], (), chunking)
+
+    def project_db(self, m: Tensor, rad: Tensor) -> Tensor:
+        """(E_chunk, emb_size_edge), (E_chunk, emb_size_rbf) -> (E_chunk, emb_size_quad_in)."""
+        return self.down_projection(self.scale_rbf(self.dense_db(m) * self.mlp_rbf(rad)))
+
+    def triplet_rows(self, edge: Tensor, cir: Tensor, x_db: Tensor) -> Tensor:
+        """Input triplets with input edge ``edge`` (T_chunk,) and basis cir (T_chunk, emb_size_cbf)."""
+        return self.scale_cbf(gather(x_db, edge) * self.mlp_cbf(cir))
+
+    def project_out(self, x: Tensor, x_swap: Tensor) -> Tensor:
+        """Messages of edges c -> a and of their reverses (E_chunk, quad_out) -> (E_chunk, emb_size_edge)."""
+        return self.up_projection_ca(x).add_(self.up_projection_ac(x_swap)).mul_(self.inv_sqrt_2)
 
 
 class TripletInteraction(nn.Module):
@@ -103,24 +115,34 @@ class TripletInteraction(nn.Module):
         id_swap: Tensor,
         expand_idx: Tensor | None = None,
         agg2: Aggregation | None = None,
+        chunking: Chunking = PLAIN,
     ) -> Tensor:
         """m: input embeddings (edges, or atoms expanded to edges by ``expand_idx``); agg2 aggregates the output
         edges onto atoms. Returns (E, emb_size_out) or, with agg2, (N, emb_size_out)."""
-        x_ba = self.dense_ba(m)
-        if expand_idx is not None:
-            x_ba = gather(x_ba, expand_idx)
-        x_ba = self.scale_rbf(x_ba * self.mlp_rbf(bases["rad"]))  # rbf(d_ba)
-        x_ba = self.down_projection(x_ba)
-        x_ba = gather(x_ba, trip.in_)
-        x = self.mlp_cbf(bases["cir"], x_ba, trip.agg, agg2)  # cbf(d_ca, angle cab)
+        if expand_idx is None:
+            x_ba = map_rows(self.project_in, [m, bases["rad"]], (), chunking)  # (E_in, trip_in)
+        else:
+            x_ba = map_rows(self.project_in_expanded, [expand_idx, bases["rad"]], (self.dense_ba(m),), chunking)
+        # cbf(d_ca, angle cab), summed over the triplets of each output edge (rows x_ba[trip.in_])
+        x = self.mlp_cbf(bases["cir"], x_ba, trip.agg, agg2, index=trip.in_, chunking=chunking)
         x = self.scale_cbf_sum(x)
         if self.symmetric_mp:
-            x_ca = self.up_projection_ca(x)
-            x_ac = gather(self.up_projection_ac(x), id_swap)
-            return x_ca.add_(x_ac).mul_(self.inv_sqrt_2)  # x_ca is fresh: in place
+            return map_rows(self.project_out, [x, gather(x, id_swap)], (), chunking)
         if self.swap_output:
             x = gather(x, id_swap)
-        return self.up_projection_ca(x)
+        return map_rows(self.up_projection_ca, [x], (), chunking)
+
+    def project_in(self, m: Tensor, rad: Tensor) -> Tensor:
+        """rbf(d_ba) message of input edges: (E_chunk, emb_size_in), (E_chunk, emb_size_rbf) -> (E_chunk, trip_in)."""
+        return self.down_projection(self.scale_rbf(self.dense_ba(m) * self.mlp_rbf(rad)))
+
+    def project_in_expanded(self, atom: Tensor, rad: Tensor, h_ba: Tensor) -> Tensor:
+        """As ``project_in`` for input edges whose features are the rows ``atom`` (E_chunk,) of dense_ba(h)."""
+        return self.down_projection(self.scale_rbf(gather(h_ba, atom) * self.mlp_rbf(rad)))
+
+    def project_out(self, x: Tensor, x_swap: Tensor) -> Tensor:
+        """Messages of edges c -> a and of their reverses (E_chunk, trip_out) -> (E_chunk, emb_size_out)."""
+        return self.up_projection_ca(x).add_(self.up_projection_ac(x_swap)).mul_(self.inv_sqrt_2)
 
 
 class PairInteraction(nn.Module):
@@ -141,12 +163,20 @@ class PairInteraction(nn.Module):
         self.up_projection = Dense(emb_size_pair_out, emb_size_atom, activation=activation)
         self.inv_sqrt_2 = 1 / math.sqrt(2.0)
 
-    def forward(self, h: Tensor, rad_basis: Tensor, src: Tensor, agg: Aggregation) -> Tensor:
-        """h: (N, emb_size_atom); rad_basis: (N, emb_size_rbf, kmax) padded per atom -> (N, emb_size_atom)."""
-        x_ba = gather(self.down_projection(h), src)  # (E_a2a, pair_in)
-        x2 = agg.pad(x_ba)  # (N, kmax, pair_in)
-        h_out = self.bilinear((rad_basis @ x2).flatten(1))
-        h_out = self.scale_rbf_sum(h_out)
+    def forward(
+        self, h: Tensor, rad_basis: Tensor, src: Tensor, agg: Aggregation, chunking: Chunking = PLAIN
+    ) -> Tensor:
+        """h: (N, emb_size_atom); rad_basis: (N, emb_size_rbf, kmax) padded per atom; src: (E_a2a,) source atoms;
+        agg: a2a edges -> target atoms. Returns (N, emb_size_atom); the padded neighbour messages (N_chunk, kmax,
+        pair_in) are built one chunk of target atoms at a time."""
+        x = self.down_projection(h)  # (N, pair_in)
+
+        def atoms(start: int, stop: int, row_start: int, row_stop: int, rad_basis: Tensor, x: Tensor) -> Tensor:
+            rows = agg.rows(row_start, row_stop)
+            x2 = agg.pad_rows(gather(x, src[rows]), start, stop, rows)  # (N_chunk, kmax, pair_in)
+            return self.bilinear((rad_basis @ x2).flatten(1))
+
+        h_out = self.scale_rbf_sum(run_chunks(atoms, agg.slot_calls([rad_basis], [x]), agg.size, chunking))
         return self.up_projection(h_out)
 
 
@@ -232,40 +262,55 @@ class InteractionBlock(nn.Module):
         self.inv_sqrt_num_eint = 1 / math.sqrt(2.0 + quad_interaction + atom_edge_interaction)
         self.inv_sqrt_num_aint = 1 / math.sqrt(1.0 + edge_atom_interaction + atom_interaction)
 
-    def forward(self, h: Tensor, m: Tensor, bases: dict, idx) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, m: Tensor, bases: dict, idx, chunking: Chunking = PLAIN) -> tuple[Tensor, Tensor]:
         """h: (N, emb_size_atom), m: (E, emb_size_edge); bases: the transformed bases (see GemNetOC.get_bases);
-        idx: GemNetIndices. Returns the updated (h, m)."""
-        x_ca_skip = self.dense_ca(m)
-        x_e2e = self.trip_interaction(m, bases["e2e"], idx.trip_e2e, idx.id_swap)
-        x = x_ca_skip.add_(x_e2e)  # fresh tensors: in place (same sums as fairchem)
+        idx: GemNetIndices; chunking: how the per-edge and padded computations run. Returns the updated (h, m)."""
+        x = map_rows(self.dense_ca, [m], (), chunking)
+        x = x.add_(self.trip_interaction(m, bases["e2e"], idx.trip_e2e, idx.id_swap, chunking=chunking))
         if self.quad_interaction is not None and "qint" in bases:  # no quadruplets: the message is exactly 0
-            x = x.add_(self.quad_interaction(m, bases["qint"], idx.quad, idx.id_swap))
+            x = x.add_(self.quad_interaction(m, bases["qint"], idx.quad, idx.id_swap, chunking))
         if self.atom_edge_interaction is not None:
             x = x.add_(
-                self.atom_edge_interaction(h, bases["a2e"], idx.trip_a2e, idx.id_swap, expand_idx=idx.a2ee2a.src)
+                self.atom_edge_interaction(
+                    h, bases["a2e"], idx.trip_a2e, idx.id_swap, expand_idx=idx.a2ee2a.src, chunking=chunking
+                )
             )
         x = x.mul_(self.inv_sqrt_num_eint)
 
         # both atom messages read the incoming h
         h_new = h
         if self.edge_atom_interaction is not None:
-            h_new = h_new + self.edge_atom_interaction(m, bases["e2a"], idx.trip_e2a, idx.id_swap, agg2=idx.a2ee2a_agg)
+            h_new = h_new + self.edge_atom_interaction(
+                m, bases["e2a"], idx.trip_e2a, idx.id_swap, agg2=idx.a2ee2a_agg, chunking=chunking
+            )
         if self.atom_interaction is not None:
-            h_new = h_new + self.atom_interaction(h, bases["a2a"], idx.a2a.src, idx.a2a_agg)
+            h_new = h_new + self.atom_interaction(h, bases["a2a"], idx.a2a.src, idx.a2a_agg, chunking)
         h = h_new * self.inv_sqrt_num_aint
 
-        for layer in self.layers_before_skip:
-            x = layer(x)
-        m = x.add_(m).mul_(self.inv_sqrt_2)  # x is fresh here
-        for layer in self.layers_after_skip:
-            m = layer(m)
+        m = map_rows(self.edge_update, [x, m], (), chunking)
 
         for layer in self.atom_emb_layers:
             h = layer(h)
-        h = (h + self.atom_update(h, m, bases["atom_update"], idx.main.dst)) * self.inv_sqrt_2
+        h = (h + self.atom_update(h, m, bases["atom_update"], idx.main.dst, chunking)) * self.inv_sqrt_2
 
-        m2 = self.concat_layer(h, m, idx.main.edge_index)
+        terms = self.concat_layer.atom_terms(h)
+        return h, map_rows(self.edge_output, [m, idx.main.src, idx.main.dst], terms, chunking)
+
+    def edge_update(self, x: Tensor, m: Tensor) -> Tensor:
+        """Residual layers around the skip connection: message x and embedding m (E_chunk, emb_size_edge) -> the
+        new embedding."""
+        for layer in self.layers_before_skip:
+            x = layer(x)
+        # x is fresh unless there is no layer (then it is the caller's tensor: not overwritten)
+        m = (x.add_(m) if len(self.layers_before_skip) else x + m).mul_(self.inv_sqrt_2)
+        for layer in self.layers_after_skip:
+            m = layer(m)
+        return m
+
+    def edge_output(self, m: Tensor, src: Tensor, dst: Tensor, source_term: Tensor, target_term: Tensor) -> Tensor:
+        """Embedding of edges (src, dst) from m (E_chunk, emb_size_edge) and the updated atoms' terms of the
+        concatenation layer (``EdgeEmbedding.atom_terms``), through the residual layers, plus the skip."""
+        m2 = self.concat_layer.edge_rows(m, src, dst, source_term, target_term)
         for layer in self.residual_m:
             m2 = layer(m2)
-        m = m2.add_(m).mul_(self.inv_sqrt_2)
-        return h, m
+        return m2.add_(m).mul_(self.inv_sqrt_2)

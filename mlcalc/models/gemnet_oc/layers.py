@@ -4,13 +4,18 @@ efficient (padded-matmul) bilinear layers. Parameter names follow fairchem's sta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from mlcalc.nn.chunking import Chunk, checkpoint, split_rows
 from mlcalc.nn.init import init_skipped
 from mlcalc.nn.scatter import gather
+
+#: a chunk function's result: one tensor or a tuple of tensors, each with the chunk's rows first
+ChunkResult = Tensor | tuple[Tensor, ...]
 
 
 # ---------------------------------------------------------------------------------------------- initialisers
@@ -119,25 +124,178 @@ class ScaleFactor(nn.Module):
         return x * torch.where(s == 0, torch.ones_like(s), s)
 
 
+# ---------------------------------------------------------------------------------------------- chunked execution
+@dataclass(frozen=True)
+class Chunking:
+    """How the large per-row computations of one forward run; the result does not depend on it (up to rounding).
+
+    rows: rows per chunk: edges, triplets or atoms of the tensor a row-wise computation maps, and for the padded
+    layers slots x kmax padded rows (a chunk holds at least one slot); None = everything at once.
+    checkpoint: keep only each chunk's inputs for the backward and recompute its intermediates there
+    (``mlcalc.nn.chunking.checkpoint``: non-reentrant ``torch.utils.checkpoint``); only while autograd records.
+    """
+
+    rows: int | None = None
+    checkpoint: bool = False
+
+    def bounds(self, n: int) -> list[Chunk]:
+        """Row ranges covering n rows (``Chunk`` with g = r), one range (possibly empty) without a chunk size."""
+        if self.rows is None or n <= self.rows:
+            return [Chunk(0, n, 0, n)]
+        return [Chunk(s, min(s + self.rows, n), s, min(s + self.rows, n)) for s in range(0, n, self.rows)]
+
+
+#: everything at once, no recomputation (the reference behaviour)
+PLAIN = Chunking()
+
+
+#: one call of a chunked computation: its output rows [start, stop) and the arguments of the chunk function
+ChunkCall = tuple[int, int, tuple]
+
+
+class _WriteRows(torch.autograd.Function):
+    """``buffer[start:stop] = part`` in place, for buffers filled by disjoint row ranges. The backward hands the
+    incoming gradient on to the earlier writes unchanged (autograd's copy into a slice clones it per write) and
+    gives part its rows (a view). Twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, buffer: Tensor, part: Tensor, start: int, stop: int) -> Tensor:
+        buffer[start:stop] = part
+        ctx.mark_dirty(buffer)
+        ctx.rows = (start, stop)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        start, stop = ctx.rows
+        return grad, grad[start:stop], None, None
+
+
+def run_chunks(
+    fn: Callable[..., ChunkResult], calls: Sequence[ChunkCall], size: int, chunking: Chunking
+) -> ChunkResult:
+    """Assemble the outputs of ``fn(*args)`` for each call (start, stop, args) into tensors of ``size`` rows.
+
+    fn returns one tensor (or a tuple) with stop - start rows. Under ``chunking.checkpoint`` each call is
+    checkpointed: autograd keeps its arguments instead of its intermediates. Tensors that fn reads must come in
+    args, not through a closure (an enclosing checkpoint can then drop and recompute them; a closure would keep
+    them alive), and as pieces (``split_rows``) rather than sliced inside fn: the gradient of a slice is a
+    zero-padded tensor of the whole size, that of a split is assembled once.
+    """
+    if len(calls) == 1:
+        return checkpoint(fn, *calls[0][2], enabled=chunking.checkpoint)
+    outs: list[Tensor] = []
+    single = True
+    for start, stop, args in calls:
+        result = checkpoint(fn, *args, enabled=chunking.checkpoint)
+        single = isinstance(result, Tensor)
+        parts = (result,) if single else result
+        if not outs:
+            outs = [p.new_empty((size, *p.shape[1:])) for p in parts]
+        for i, part in enumerate(parts):
+            if needs_grad(part) or needs_grad(outs[i]):
+                outs[i] = _WriteRows.apply(outs[i], part, start, stop)
+            else:
+                outs[i][start:stop] = part
+    return outs[0] if single else tuple(outs)
+
+
+def map_rows(
+    fn: Callable[..., ChunkResult], rows: Sequence[Tensor], shared: Sequence = (), chunking: Chunking = PLAIN
+) -> ChunkResult:
+    """``fn(*rows, *shared)`` for a row-wise fn, evaluated on chunks of ``chunking.rows`` rows of every tensor in
+    ``rows`` (all with the same number of rows); ``shared`` is passed whole. Same result as one call."""
+    n = rows[0].shape[0]
+    chunks = chunking.bounds(n)
+    pieces = [split_rows(r, chunks) for r in rows]
+    calls = [(c.r0, c.r1, (*(p[i] for p in pieces), *shared)) for i, c in enumerate(chunks)]
+    return run_chunks(fn, calls, n, chunking)
+
+
+class _IndexAdd(torch.autograd.Function):
+    """``out.index_add(0, index, src)`` whose backward keeps only the index (autograd's index_add keeps src, a
+    tensor as large as the rows summed). Twice differentiable: the backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, index: Tensor, src: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        return out.index_add(0, index, src)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor]:
+        (index,) = ctx.saved_tensors
+        return grad, None, gather(grad, index)
+
+
+def scatter_rows(
+    fn: Callable[..., Tensor], rows: Sequence[Tensor], index: Tensor, dim_size: int, chunking: Chunking
+) -> Tensor:
+    """``scatter_sum(fn(*rows), index, dim_size)`` for a row-wise fn of tensors with R = len(index) rows, one
+    chunk at a time (the same sums in the same order, without the (R, C) tensor; autograd keeps none of it)."""
+    out: Tensor | None = None
+    chunks = chunking.bounds(index.shape[0])
+    pieces = [split_rows(r, chunks) for r in rows]
+    for i, c in enumerate(chunks):
+        start, stop = c.r0, c.r1
+        part = checkpoint(fn, *(p[i] for p in pieces), enabled=chunking.checkpoint)
+        if out is None:
+            out = part.new_zeros((dim_size, *part.shape[1:]))
+        if needs_grad(part) or needs_grad(out):
+            out = _IndexAdd.apply(out, index[start:stop], part)
+        else:
+            out = out.index_add_(0, index[start:stop], part)
+    assert out is not None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- padded aggregation
 @dataclass
 class Aggregation:
     """Row -> (slot, position) map for a zero-padded dense layout of a ragged grouping.
 
-    outer: (R,) output slot of each row (edge or atom), ascending. inner: (R,) position of the row inside its
-    slot. size: number of slots. kmax: largest group size (the padded width); the index builders leave it at -1
-    and ``indices.resolve_kmax`` fills all of them with one device sync.
+    outer: (R,) output slot of each row (edge or atom); ascending for triplets and quadruplets, by target atom for
+    neighbour layouts. inner: (R,) position of the row inside its slot. size: number of slots. kmax: largest
+    group size (the padded width); the index builders leave it at -1 and ``indices.resolve_kmax`` fills all of
+    them with one device sync. ``indices.plan_chunks`` may add ``chunks`` (slot ranges [g0, g1) with their rows
+    [r0, r1) in slot order, ``mlcalc.nn.chunking.Chunk``), ``order`` (the rows sorted by slot, where outer is not
+    ascending) and, for a layout whose rows are the slots of an inner layout (edges -> atoms over triplets ->
+    edges), ``inner_rows``: the inner layout's row range [start, stop) of each chunk.
     """
 
     outer: Tensor
     inner: Tensor
     size: int
     kmax: int
+    chunks: list[Chunk] | None = None
+    order: Tensor | None = None
+    inner_rows: list[tuple[int, int]] | None = None
+
+    def chunk_list(self) -> list[Chunk]:
+        """The planned chunks, or one chunk of everything."""
+        return self.chunks if self.chunks is not None else [Chunk(0, self.size, 0, self.outer.shape[0])]
+
+    def slot_calls(self, per_slot: Sequence[Tensor], shared: Sequence[Tensor] = ()) -> list[ChunkCall]:
+        """``run_chunks`` calls over the slots, for a function of (slot_start, slot_stop, row_start, row_stop,
+        *pieces, *shared): pieces are the chunk's slots of each tensor in ``per_slot`` (size rows each)."""
+        chunks = self.chunk_list()
+        pieces = [split_rows(t, chunks) for t in per_slot]
+        return [(c.g0, c.g1, (c.g0, c.g1, c.r0, c.r1, *(p[i] for p in pieces), *shared)) for i, c in enumerate(chunks)]
+
+    def rows(self, start: int, stop: int) -> slice | Tensor:
+        """The rows [start, stop) in slot order: a slice when outer is ascending, else indices (R_chunk,)."""
+        return slice(start, stop) if self.order is None else self.order[start:stop]
 
     def pad(self, x: Tensor) -> Tensor:
         """(R, ...) -> (size, kmax, ...), zeros where a slot has fewer rows."""
         out = x.new_zeros((self.size, self.kmax, *x.shape[1:]))
         out[self.outer, self.inner] = x
+        return out
+
+    def pad_rows(self, x: Tensor, slot_start: int, slot_stop: int, rows: slice | Tensor) -> Tensor:
+        """Values x (R_chunk, ...) of ``rows`` (all in slots [slot_start, slot_stop)) -> (slot_stop - slot_start,
+        kmax, ...), zeros elsewhere: the slots' block of ``pad``."""
+        out = x.new_zeros((slot_stop - slot_start, self.kmax, *x.shape[1:]))
+        out[self.outer[rows] - slot_start, self.inner[rows]] = x
         return out
 
     def pad_columns(self, x: Tensor) -> Tensor:
@@ -164,6 +322,14 @@ class BasisEmbedding(nn.Module):
             self.weight = nn.Parameter(torch.empty(num_radial, num_spherical, emb_size_interm))
         he_orthogonal_init(self.weight)
 
+    def project(self, rad_basis: Tensor) -> Tensor:
+        """(E, num_radial) -> (E, emb_size_interm, num_spherical), or (E, emb_size_interm) without num_spherical."""
+        if self.num_spherical is None:
+            return rad_basis @ self.weight.T
+        rad_w1 = rad_basis @ self.weight.reshape(self.weight.shape[0], -1)
+        # fairchem's layout: (num_spherical * interm) values read as (interm, num_spherical)
+        return rad_w1.reshape(rad_basis.shape[0], self.weight.shape[2], self.num_spherical)
+
     def forward(
         self,
         rad_basis: Tensor,
@@ -178,14 +344,17 @@ class BasisEmbedding(nn.Module):
         sph_outer: edge of each angular row; without sph_agg returns the per-row product (T, emb_size_interm).
         sph_agg: pads the angular basis per edge -> returns (rad_W1, (E, num_spherical, kmax)).
         """
-        num_edges = rad_basis.shape[0]
-        if self.num_spherical is not None:
-            rad_w1 = rad_basis @ self.weight.reshape(self.weight.shape[0], -1)
-            # fairchem's layout: (num_spherical * interm) values read as (interm, num_spherical)
-            rad_w1 = rad_w1.reshape(num_edges, self.weight.shape[2], self.num_spherical)
-        else:
-            rad_w1 = rad_basis @ self.weight.T  # (E, interm)
+        return self.arrange(self.project(rad_basis), sph_basis, rad_agg, sph_outer, sph_agg)
 
+    def arrange(
+        self,
+        rad_w1: Tensor,
+        sph_basis: Tensor | None = None,
+        rad_agg: Aggregation | None = None,
+        sph_outer: Tensor | None = None,
+        sph_agg: Aggregation | None = None,
+    ):
+        """The layouts of ``forward`` from the projected radial basis rad_w1 = ``project(rad_basis)``."""
         if rad_agg is not None:
             padded = rad_agg.pad(rad_w1)  # (N, kmax, interm, ...)
             padded = torch.transpose(padded, 1, 2)  # (N, interm, kmax, ...)
@@ -211,20 +380,64 @@ class EfficientInteractionBilinear(nn.Module):
         self.bilinear = Dense(emb_size_in * emb_size_interm, emb_size_out, bias=False, activation=None)
 
     def forward(
-        self, basis: tuple[Tensor, Tensor], m: Tensor, agg: Aggregation, agg2: Aggregation | None = None
+        self,
+        basis: tuple[Tensor, Tensor],
+        m: Tensor,
+        agg: Aggregation,
+        agg2: Aggregation | None = None,
+        index: Tensor | None = None,
+        chunking: Chunking = PLAIN,
     ) -> Tensor:
-        """basis: (rad_W1, sph) from BasisEmbedding; m: (T, emb_size_in) per triplet/quadruplet;
-        agg: triplets -> output edges; agg2 (optional): output edges -> atoms. Returns (E or N, emb_size_out)."""
+        """basis: (rad_W1, sph) from BasisEmbedding; m: (T, emb_size_in) per triplet/quadruplet, or with ``index``
+        (T,) the rows m[index]; agg: triplets -> output edges; agg2 (optional): output edges -> atoms. Returns
+        (E or N, emb_size_out). Chunks of output slots (``agg.chunks``, or ``agg2.chunks`` with
+        ``agg2.inner_rows``) bound the padded tensors; without a plan for agg2 its edges are done in one piece."""
         rad_w1, sph = basis
-        m_padded = agg.pad(m)  # (E, kmax, emb_in)
-        sph_m = torch.matmul(sph, m_padded)  # (E, num_spherical, emb_in)
-        if agg2 is not None:
-            sph_m_padded = agg2.pad(sph_m)  # (N, kmax2, num_spherical, emb_in)
-            sph_m_padded = sph_m_padded.flatten(1, 2)  # (N, kmax2 * num_spherical, emb_in)
-            rad_w1_sph_m = rad_w1 @ sph_m_padded  # (N, interm, emb_in)
-        else:
-            rad_w1_sph_m = torch.matmul(rad_w1, sph_m)  # (E, interm, emb_in)
-        return self.bilinear(rad_w1_sph_m.flatten(1))
+
+        def sph_m(m: Tensor, sph: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
+            """sum_k sph[e, :, k] m[k] of the output edges [edge_start, edge_stop) with their rows of sph:
+            (E_chunk, num_spherical, emb_in)."""
+            m_rows = m[rows] if index is None else gather(m, index[rows])
+            m_padded = agg.pad_rows(m_rows, edge_start, edge_stop, rows)  # (E_chunk, kmax, emb_in)
+            return torch.matmul(sph, m_padded)
+
+        if agg2 is None:
+
+            def edge_chunk(start: int, stop: int, row_start: int, row_stop: int, rad_w1: Tensor, sph: Tensor, m):
+                part = sph_m(m, sph, start, stop, agg.rows(row_start, row_stop))
+                rad_w1_sph_m = torch.matmul(rad_w1, part)  # (E_chunk, interm, emb_in)
+                return self.bilinear(rad_w1_sph_m.flatten(1))  # (E_chunk, emb_out)
+
+            return run_chunks(edge_chunk, agg.slot_calls([rad_w1, sph], [m]), agg.size, chunking)
+
+        def atom_product(rad_w1: Tensor, sph_m_padded: Tensor) -> Tensor:
+            """rad_W1 (N_chunk, interm, kmax2 * num_spherical) and the padded (N_chunk, kmax2, num_spherical,
+            emb_in) -> (N_chunk, emb_out)."""
+            sph_m_padded = sph_m_padded.flatten(1, 2)  # (N_chunk, kmax2 * num_spherical, emb_in)
+            return self.bilinear((rad_w1 @ sph_m_padded).flatten(1))  # (N_chunk, interm, emb_in)
+
+        if agg2.inner_rows is None:  # output edges in one piece, then atoms
+            sph_m_all = sph_m(m, sph, 0, agg.size, slice(0, agg.outer.shape[0]))  # (E, num_spherical, emb_in)
+
+            def atom_chunk(start: int, stop: int, row_start: int, row_stop: int, rad_w1: Tensor, sph_m_all: Tensor):
+                rows = agg2.rows(row_start, row_stop)
+                return atom_product(rad_w1, agg2.pad_rows(sph_m_all[rows], start, stop, rows))
+
+            return run_chunks(atom_chunk, agg2.slot_calls([rad_w1], [sph_m_all]), agg2.size, chunking)
+
+        # agg2's rows (edges) are ascending by atom: a chunk of atoms is a range of edges, and of their triplets
+        def fused_chunk(start: int, stop: int, edges: slice, triplets: slice, rad_w1: Tensor, sph: Tensor, m):
+            part = sph_m(m, sph, edges.start, edges.stop, triplets)  # (E_chunk, num_spherical, emb_in)
+            return atom_product(rad_w1, agg2.pad_rows(part, start, stop, edges))
+
+        atoms = agg2.chunk_list()
+        rad_pieces = split_rows(rad_w1, atoms)  # per atom
+        sph_pieces = split_rows(sph, atoms, groups=False)  # per edge: the rows of agg2
+        calls = [
+            (c.g0, c.g1, (c.g0, c.g1, slice(c.r0, c.r1), slice(*r), rad_pieces[i], sph_pieces[i], m))
+            for i, (c, r) in enumerate(zip(atoms, agg2.inner_rows, strict=True))
+        ]
+        return run_chunks(fused_chunk, calls, agg2.size, chunking)
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
@@ -253,10 +466,20 @@ class EdgeEmbedding(nn.Module):
         self.atom_features = atom_features
         self.dense = Dense(2 * atom_features + edge_features, out_features, activation=activation, bias=False)
 
-    def forward(self, h: Tensor, m: Tensor, edge_index: Tensor) -> Tensor:
+    def atom_terms(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, atom_features) -> the source and target terms W_s h, W_t h, each (N, out_features)."""
         weight = self.dense.linear.weight  # (out, 2 A + E_in): [W_s | W_t | W_m]
         a = self.atom_features
-        x = nn.functional.linear(m, weight[:, 2 * a :])
-        x = x.add_(gather(nn.functional.linear(h, weight[:, :a]), edge_index[0]))  # x is fresh: in place
-        x = x.add_(gather(nn.functional.linear(h, weight[:, a : 2 * a]), edge_index[1]))
+        return nn.functional.linear(h, weight[:, :a]), nn.functional.linear(h, weight[:, a : 2 * a])
+
+    def edge_rows(self, m: Tensor, src: Tensor, dst: Tensor, source_term: Tensor, target_term: Tensor) -> Tensor:
+        """The embedding of edges (src, dst) with features m (E_chunk, edge_features), from ``atom_terms``."""
+        x = nn.functional.linear(m, self.dense.linear.weight[:, 2 * self.atom_features :])
+        x = x.add_(gather(source_term, src))  # x is fresh: in place
+        x = x.add_(gather(target_term, dst))
         return self.dense.activate(x)
+
+    def forward(self, h: Tensor, m: Tensor, edge_index: Tensor, chunking: Chunking = PLAIN) -> Tensor:
+        """h: (N, atom_features), m: (E, edge_features), edge_index: (2, E) -> (E, out_features)."""
+        terms = self.atom_terms(h)
+        return map_rows(self.edge_rows, [m, edge_index[0], edge_index[1]], terms, chunking)

@@ -27,13 +27,17 @@ from mlcalc.models.gemnet_oc import indices as ix
 from mlcalc.models.gemnet_oc.bases import CircularBasisLayer, RadialBasis, SphericalBasisLayer
 from mlcalc.models.gemnet_oc.interaction import InteractionBlock
 from mlcalc.models.gemnet_oc.layers import (
+    PLAIN,
     Aggregation,
     AtomEmbedding,
     BasisEmbedding,
+    Chunking,
     Dense,
     EdgeEmbedding,
     ResidualLayer,
     get_initializer,
+    map_rows,
+    needs_grad,
 )
 from mlcalc.models.gemnet_oc.output import OutputBlock
 from mlcalc.models.gemnet_oc.scaling import apply_scale_dict, load_gemnet_state, read_scale_file
@@ -71,6 +75,10 @@ def _isclose(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-8 + 1e-5 * abs(b)
 
 
+#: default ``GemNetOC.chunk_size``: 32768 rows, i.e. 64 MiB per (rows, 512) float32 edge tensor
+DEFAULT_CHUNK_SIZE = 2**15
+
+
 @register_model("gemnet_oc", "GemNetOC", "gemnet_oc_s2ef")
 class GemNetOC(MLModel):
     """GemNet-OC with fairchem's hyperparameter names (see fairchem ``GemNetOC`` for their meaning).
@@ -80,6 +88,16 @@ class GemNetOC(MLModel):
     rows, atomic numbers 1..num_elements. Graph-construction options of fairchem (use_pbc, otf_graph, ...) are
     accepted and ignored; ``scale_file`` is read if the file exists (.json/.pt), else the scale factors must come
     from the checkpoint (state_dict entries or ``scale_dict``, see ``load_checkpoint_state``).
+
+    Memory (per-instance attributes, not hyperparameters; they change no result beyond rounding):
+
+    - ``chunk_size`` (default ``DEFAULT_CHUNK_SIZE``; None = everything at once): rows per chunk of the large
+      per-row computations: edges (or triplets, a2a edges) for the per-edge MLPs and bases. The padded bilinear
+      layers take chunks of whole slots (output edges x triplets per edge, atoms x a2a neighbours) with as many
+      values: chunk_size x emb_size_edge / emb_size_trip_in (aint_in, quad_in) padded rows, at least one slot.
+      Only one chunk's intermediates exist at a time, so the transient memory of a call is bounded by about
+      chunk_size x emb_size_edge values per live tensor instead of growing with the structure.
+      Off under ``torch.compile`` (the compiled graph keeps sizes symbolic).
     """
 
     def __init__(
@@ -201,6 +219,12 @@ class GemNetOC(MLModel):
         self.out_energy.reset_parameters(init)
         if direct_forces:
             self.out_forces.reset_parameters(init)
+
+        #: values per padded row of the padded layers (and of an edge row), for their chunk sizes
+        self._pad_widths = {
+            "edge": emb_size_edge, "trip": emb_size_trip_in, "quad": emb_size_quad_in, "a2a": emb_size_aint_in
+        }  # fmt: skip
+        self.chunk_size: int | None = DEFAULT_CHUNK_SIZE
 
         self.scale_file = scale_file
         values = read_scale_file(scale_file)
@@ -329,16 +353,51 @@ class GemNetOC(MLModel):
             idx.a2a_agg = ix.neighbor_aggregation(a2a, n)
             aggs.append(idx.a2a_agg)
         ix.resolve_kmax(aggs)
+        rows = self.chunking().rows
+        if rows is not None:  # a padded chunk holds as many values as an edge chunk: rows x emb_size_edge
+
+            def budget(width: int) -> int:
+                return max(1, rows * self._pad_widths["edge"] // width)
+
+            layouts = [(idx.trip_e2e.agg, budget(self._pad_widths["trip"]))]
+            if self.use_quad:
+                layouts.append((idx.quad.agg, budget(self._pad_widths["quad"])))
+            if self.use_a2e:
+                layouts.append((idx.trip_a2e.agg, budget(self._pad_widths["trip"])))
+            if self.use_e2a:
+                layouts.append((idx.a2ee2a_agg, budget(self._pad_widths["trip"])))
+            if self.use_a2a:
+                layouts.append((idx.a2a_agg, budget(self._pad_widths["a2a"])))
+            nested = [(idx.a2ee2a_agg, idx.trip_e2a.agg)] if self.use_e2a else []
+            ix.plan_chunks(layouts, nested)
         return idx
 
-    def get_bases(self, idx: GemNetIndices) -> dict[str, Any]:
-        """Raw bases of all graphs and their shared down-projections."""
+    def chunking(self) -> Chunking:
+        """How this call runs (see the class docstring): ``chunk_size`` rows per chunk; everything at once under
+        ``torch.compile``."""
+        if torch.compiler.is_compiling():
+            return PLAIN
+        return Chunking(self.chunk_size)
+
+    def get_bases(self, idx: GemNetIndices, chunking: Chunking | None = None) -> dict[str, Any]:
+        """Raw bases of all graphs and their shared down-projections; per-edge and per-triplet bases are computed
+        in chunks (``chunking``, default ``self.chunking()``), so only their projections exist whole."""
+        ck = self.chunking() if chunking is None else chunking
         main, trip = idx.main, idx.trip_e2e
-        rad_main = self.radial_basis(main.dist)
+        rad_main = map_rows(self.radial_basis, [main.dist], (), ck)  # (E, num_radial)
         bases: dict[str, Any] = {"rad_main": rad_main}
-        cos_cab = _dot_clamped(gather(main.vector, trip.out), gather(main.vector, trip.in_))
-        rad_cir, cir = self.cbf_basis_tint(main.dist, cos_cab)
-        bases["e2e"] = {"rad": self.mlp_rbf_tint(rad_main), "cir": self.mlp_cbf_tint(rad_cir, cir, sph_agg=trip.agg)}
+        dense = {"tint": self.mlp_rbf_tint, "h": self.mlp_rbf_h, "out": self.mlp_rbf_out}
+        if self.use_e2a:
+            dense["eaint"] = self.mlp_rbf_eaint
+        if self.use_quad:
+            dense["qint"] = self.mlp_rbf_qint
+        # (E, emb_size_rbf) each, from one pass over rad_main
+        projected = map_rows(lambda r: tuple(layer(r) for layer in dense.values()), [rad_main], (), ck)
+        rad = dict(zip(dense, projected, strict=True))
+        bases["e2e"] = {
+            "rad": rad["tint"],
+            "cir": self._circular(self.cbf_basis_tint, self.mlp_cbf_tint, main.dist, (main, main), trip, ck),
+        }
         if self.use_quad and idx.quad.out.numel() > 0:  # else the quadruplet message is 0 and skipped
             quad, qint = idx.quad, idx.qint
             # d -> b -> a
@@ -355,31 +414,53 @@ class GemNetOC(MLModel):
             rad_cir_q, cir_q = self.cbf_basis_qint(qint.dist, cos_abd)
             rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, gather(cos_cab_q, quad.trip_out_to_quad), dihedral)
             bases["qint"] = {
-                "rad": self.mlp_rbf_qint(rad_main),
+                "rad": rad["qint"],
                 "cir": self.mlp_cbf_qint(rad_cir_q, cir_q, sph_outer=quad.triplet_in.out),
                 "sph": self.mlp_sbf_qint(rad_sph_q, sph_q, sph_agg=quad.agg),
             }
         if self.use_a2e:
             a2ee2a, trip = idx.a2ee2a, idx.trip_a2e
-            cos = _dot_clamped(gather(main.vector, trip.out), gather(a2ee2a.vector, trip.in_))
-            rad_cir, cir = self.cbf_basis_aeint(main.dist, cos)
             bases["a2e"] = {
-                "rad": self.mlp_rbf_aeint(self.radial_basis_aeaint(a2ee2a.dist)),
-                "cir": self.mlp_cbf_aeint(rad_cir, cir, sph_agg=trip.agg),
+                "rad": map_rows(lambda d: self.mlp_rbf_aeint(self.radial_basis_aeaint(d)), [a2ee2a.dist], (), ck),
+                "cir": self._circular(self.cbf_basis_aeint, self.mlp_cbf_aeint, main.dist, (main, a2ee2a), trip, ck),
             }
         if self.use_e2a:
             a2ee2a, trip = idx.a2ee2a, idx.trip_e2a
-            cos = _dot_clamped(gather(a2ee2a.vector, trip.out), gather(main.vector, trip.in_))
-            rad_cir, cir = self.cbf_basis_eaint(a2ee2a.dist, cos)
             bases["e2a"] = {
-                "rad": self.mlp_rbf_eaint(rad_main),
-                "cir": self.mlp_cbf_eaint(rad_cir, cir, rad_agg=idx.a2ee2a_agg, sph_agg=trip.agg),
+                "rad": rad["eaint"],
+                "cir": self._circular(
+                    self.cbf_basis_eaint, self.mlp_cbf_eaint, a2ee2a.dist, (a2ee2a, main), trip, ck, idx.a2ee2a_agg
+                ),
             }
         if self.use_a2a:
-            bases["a2a"] = self.mlp_rbf_aint(self.radial_basis_aint(idx.a2a.dist), rad_agg=idx.a2a_agg)
-        bases["atom_update"] = self.mlp_rbf_h(rad_main)
-        bases["output"] = self.mlp_rbf_out(rad_main)
+            emb, radial = self.mlp_rbf_aint, self.radial_basis_aint
+            rad_w1 = map_rows(lambda d: emb.project(radial(d)), [idx.a2a.dist], (), ck)  # (E_a2a, emb_size_rbf)
+            bases["a2a"] = emb.arrange(rad_w1, rad_agg=idx.a2a_agg)  # (N, emb_size_rbf, kmax)
+        bases["atom_update"] = rad["h"]
+        bases["output"] = rad["out"]
         return bases
+
+    @staticmethod
+    def _circular(
+        layer: CircularBasisLayer,
+        emb: BasisEmbedding,
+        dist: Tensor,
+        graphs: tuple[ix.Edges, ix.Edges],
+        trip: ix.Triplets,
+        chunking: Chunking,
+        rad_agg: Aggregation | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Projected circular basis of triplets ``trip`` (output edges of graphs[0], input edges of graphs[1]):
+        (rad_W1, sph) for ``EfficientInteractionBilinear``; dist (E_out,) the output edges' distances, Å. The
+        raw bases (E_out, num_radial) and the angle terms exist one chunk at a time."""
+        v_out, v_in = graphs[0].vector, graphs[1].vector
+
+        def angular(out: Tensor, in_: Tensor) -> Tensor:  # cosine of the angle between the two edges
+            return layer.angular(_dot_clamped(gather(v_out, out), gather(v_in, in_)))
+
+        rad_w1 = map_rows(lambda d: emb.project(layer.radial_basis(d)), [dist], (), chunking)
+        cir = map_rows(angular, [trip.out, trip.in_], (), chunking)  # (T, num_spherical)
+        return emb.arrange(rad_w1, cir, rad_agg=rad_agg, sph_agg=trip.agg)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, graph: AtomGraph) -> dict[str, Tensor]:
@@ -387,29 +468,46 @@ class GemNetOC(MLModel):
         z = graph.numbers.long()
         if z.numel() and not bool(((z >= 1) & (z <= self.max_elements)).all()):
             raise ValueError(f"GemNet-OC accepts atomic numbers 1..{self.max_elements}, got {sorted(set(z.tolist()))}")
+        ck = self.chunking()
         idx = self.build_indices(graph)
-        bases = self.get_bases(idx)
+        bases = self.get_bases(idx, ck)
         main = idx.main
 
+        # the global force MLP's first layer, W [x_f0 | x_f1 | ...], is applied block by block (sum of W_i x_fi)
+        width = self.out_mlp_F[0].linear.in_features // (self.num_blocks + 1) if self.direct_forces else 0
+        weights = [
+            self.out_mlp_F[0].linear.weight[:, i * width : (i + 1) * width] if self.direct_forces else None
+            for i in range(self.num_blocks + 1)
+        ]
+
         h = self.atom_emb(z)
-        m = self.edge_emb(h, bases["rad_main"], main.edge_index)
-        x_e, x_f = self.out_blocks[0](h, m, bases["output"], main.dst)
-        xs_e, xs_f = [x_e], [x_f]
-        for block, out_block in zip(self.int_blocks, self.out_blocks[1:], strict=True):
-            h, m = block(h, m, bases, idx)
-            x_e, x_f = out_block(h, m, bases["output"], main.dst)
+        m = self.edge_emb(h, bases["rad_main"], main.edge_index, ck)
+        x_e, f_sum = self.out_blocks[0](h, m, bases["output"], main.dst, ck, weights[0])
+        xs_e = [x_e]
+        for i, (block, out_block) in enumerate(zip(self.int_blocks, self.out_blocks[1:], strict=True)):
+            h, m = block(h, m, bases, idx, ck)
+            x_e, x_f = out_block(h, m, bases["output"], main.dst, ck, weights[i + 1])
             xs_e.append(x_e)
-            xs_f.append(x_f)
+            if self.direct_forces:
+                f_sum = f_sum + x_f if needs_grad(f_sum) else f_sum.add_(x_f)
 
         e_atom = self.out_energy(self.out_mlp_E(torch.cat(xs_e, dim=-1)))  # (N, 1)
         reduce = scatter_sum if self.extensive else scatter_mean
         out = {"energy": reduce(e_atom, graph.batch, graph.num_graphs).squeeze(1)}
         if self.direct_forces and self.regress_forces:
-            f_st = self.out_forces(self.out_mlp_F(torch.cat(xs_f, dim=-1)))  # (E, 1)
+            f_st = map_rows(self._force_head, [f_sum], (), ck)  # (E, 1)
             if self.forces_coupled:  # |F_st| = |F_ts|
                 f_st = (f_st + gather(f_st, idx.id_swap)) / 2
             out["forces"] = scatter_sum(f_st * main.vector, main.dst, graph.num_atoms)
         return out
+
+    def _force_head(self, f_sum: Tensor) -> Tensor:
+        """The global force MLP after its first linear map, and the output layer: (E_chunk, emb_size_edge) ->
+        (E_chunk, 1)."""
+        x = self.out_mlp_F[0].activate(f_sum)
+        for layer in self.out_mlp_F[1:]:
+            x = layer(x)
+        return self.out_forces(x)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def load_checkpoint_state(self, state_dict: dict[str, Tensor], scale_dict: dict[str, float] | None = None) -> None:

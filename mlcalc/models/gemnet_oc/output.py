@@ -6,8 +6,7 @@ import math
 
 from torch import Tensor, nn
 
-from mlcalc.models.gemnet_oc.layers import Dense, ResidualLayer, ScaleFactor
-from mlcalc.nn.scatter import scatter_sum
+from mlcalc.models.gemnet_oc.layers import PLAIN, Chunking, Dense, ResidualLayer, ScaleFactor, map_rows, scatter_rows
 
 
 def _mlp(units_in: int, units: int, n_hidden: int, activation: str | None) -> nn.ModuleList:
@@ -28,9 +27,19 @@ class AtomUpdateBlock(nn.Module):
         self.scale_sum = ScaleFactor()
         self.layers = _mlp(emb_size_edge, emb_size_atom, n_hidden, activation)
 
-    def forward(self, h: Tensor, m: Tensor, basis_rad: Tensor, idx_atom: Tensor) -> Tensor:
-        x = scatter_sum(m * self.dense_rbf(basis_rad), idx_atom, h.shape[0])
-        x = self.scale_sum(x)
+    def edge_sum(self, m: Tensor, basis_rad: Tensor, idx_atom: Tensor, num_atoms: int, chunking: Chunking) -> Tensor:
+        """sum over the edges of each atom of m * dense_rbf(basis_rad): (E, emb_size_edge) -> (N, emb_size_edge),
+        in chunks of edges (the (E, emb_size_edge) product is never whole)."""
+
+        def rows(m: Tensor, basis_rad: Tensor) -> Tensor:
+            return m * self.dense_rbf(basis_rad)
+
+        return scatter_rows(rows, [m, basis_rad], idx_atom, num_atoms, chunking)
+
+    def forward(self, h: Tensor, m: Tensor, basis_rad: Tensor, idx_atom: Tensor, chunking: Chunking = PLAIN) -> Tensor:
+        """h: (N, emb_size_atom), m: (E, emb_size_edge), basis_rad: (E, emb_size_rbf), idx_atom: (E,) target atom
+        of each edge -> (N, emb_size_atom)."""
+        x = self.scale_sum(self.edge_sum(m, basis_rad, idx_atom, h.shape[0], chunking))
         for layer in self.layers:
             x = layer(x)
         return x
@@ -66,9 +75,22 @@ class OutputBlock(AtomUpdateBlock):
             self.seq_forces = _mlp(emb_size_edge, emb_size_edge, n_hidden, activation)
             self.dense_rbf_F = Dense(emb_size_rbf, emb_size_edge, activation=None)
 
-    def forward(self, h: Tensor, m: Tensor, basis_rad: Tensor, idx_atom: Tensor) -> tuple[Tensor, Tensor | int]:
-        x_e = scatter_sum(m * self.dense_rbf(basis_rad), idx_atom, h.shape[0])
-        x_e = self.scale_sum(x_e)
+    def forward(
+        self,
+        h: Tensor,
+        m: Tensor,
+        basis_rad: Tensor,
+        idx_atom: Tensor,
+        chunking: Chunking = PLAIN,
+        force_weight: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | int]:
+        """h: (N, emb_size_atom), m: (E, emb_size_edge), basis_rad: (E, emb_size_rbf), idx_atom: (E,) target atom.
+
+        Returns the energy features (N, emb_size_atom) and the force features (E, emb_size_edge), or 0 without
+        direct forces; with ``force_weight`` (F, emb_size_edge) the force features come projected, x_f @ W.T
+        (E, F), one chunk of edges at a time (the global force MLP's first layer, applied block by block).
+        """
+        x_e = self.scale_sum(self.edge_sum(m, basis_rad, idx_atom, h.shape[0], chunking))
         for layer in self.seq_energy_pre:
             x_e = layer(x_e)
         if self.seq_energy2 is not None:
@@ -78,8 +100,12 @@ class OutputBlock(AtomUpdateBlock):
 
         if not self.direct_forces:
             return x_e, 0
+        return x_e, map_rows(self.force_rows, [m, basis_rad], (force_weight,), chunking)
+
+    def force_rows(self, m: Tensor, basis_rad: Tensor, force_weight: Tensor | None = None) -> Tensor:
+        """Force features of edges: (E_chunk, emb_size_edge), projected by force_weight.T when given."""
         x_f = m
         for layer in self.seq_forces:
             x_f = layer(x_f)
         x_f = self.scale_rbf_F(x_f * self.dense_rbf_F(basis_rad))
-        return x_e, x_f
+        return x_f if force_weight is None else nn.functional.linear(x_f, force_weight)
