@@ -1,5 +1,6 @@
-"""GemNet-OC memory bounds: chunked execution (``chunk_size``) changes no number (float64, to rounding) and bounds
-the largest tensor of a no-grad forward."""
+"""GemNet-OC memory bounds: chunked execution (``chunk_size``) and activation checkpointing change no number (float64,
+to rounding) and bound what a call holds: the largest tensor of a no-grad forward and the peak of live tensors of a
+gradient-force call."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import mlcalc.models.gemnet_oc  # noqa: F401  (registers the model)
 from mlcalc import GemNetOCCalculator
 from mlcalc.calculator import evaluate_model
 from mlcalc.models.gemnet_oc import GemNetOC
+from mlcalc.testing import LiveTensorPeak
 
 #: all four interactions, quadruplets on for tags 1 and 2; small widths so that a call takes well under a second
 SMALL = dict(
@@ -54,8 +56,8 @@ def slab():
     return atoms
 
 
-def call(model: GemNetOC, graph, chunk_size: int | None, stress: bool = False) -> dict:
-    model.chunk_size = chunk_size
+def call(model: GemNetOC, graph, chunk_size: int | None, checkpointing: bool, stress: bool = False) -> dict:
+    model.chunk_size, model.activation_checkpointing = chunk_size, checkpointing
     return evaluate_model(model, graph, stress=stress)
 
 
@@ -76,13 +78,13 @@ def slab_graphs():
 # ------------------------------------------------------------------------------------------------ same numbers
 @pytest.mark.parametrize("direct", [False, True], ids=["gradient", "direct"])
 @pytest.mark.parametrize("order", ["sorted", "unsorted"])
-def test_chunked_equals_plain(slab_graphs, direct, order):
+def test_chunked_and_checkpointed_equal_plain(slab_graphs, direct, order):
     model, graph, shuffled = slab_graphs[direct]
     g = graph if order == "sorted" else shuffled
     idx = model.build_indices(g)
     assert idx.quad.out.numel() > 0 and idx.trip_e2a.out.numel() > 0  # every interaction has work
     stress = not direct
-    ref = call(model, g, None, stress)
+    ref = call(model, g, None, False, stress)
     model.chunk_size = SMALL_CHUNK
     idx = model.build_indices(g)
     # several chunks, the last one smaller, for the edge-wise maps and for a padded layout
@@ -91,21 +93,37 @@ def test_chunked_equals_plain(slab_graphs, direct, order):
     # targets ascending: the edge -> atom layer runs edges and triplets by ranges; else through a sort order
     assert (idx.a2ee2a_agg.inner_rows is not None) == (order == "sorted")
     assert (idx.a2a_agg.order is None) == (order == "sorted")
-    got = call(model, g, SMALL_CHUNK, stress)
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-10, msg=key)
+    for checkpointing in (False, True):
+        got = call(model, g, SMALL_CHUNK, checkpointing, stress)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-10, msg=key)
     if order == "unsorted":  # and the permuted graph is the same structure
-        sorted_ref = call(model, graph, None, stress)
+        sorted_ref = call(model, graph, None, False, stress)
         for key in ref:
             torch.testing.assert_close(ref[key], sorted_ref[key], rtol=0, atol=1e-10)
 
 
+def test_checkpointing_is_off_in_training_and_without_autograd(slab_graphs):
+    model, graph, _ = slab_graphs[False]
+    model.chunk_size, model.activation_checkpointing = 1000, True
+    assert model.chunking().checkpoint
+    with torch.no_grad():
+        assert not model.chunking().checkpoint
+    model.train()
+    try:
+        assert not model.chunking().checkpoint
+    finally:
+        model.eval()
+    model.activation_checkpointing = False
+    assert not model.chunking().checkpoint and model.chunking().rows == 1000
+
+
 def test_parameter_gradients_of_force_loss_unchanged_by_chunking(slab_graphs):
-    """Training differentiates the forces (create_graph): chunked and plain agree."""
+    """Training differentiates the forces (create_graph): chunked, eval-mode checkpointed and plain agree."""
     model, graph, _ = slab_graphs[False]
     grads = []
-    for chunk in (None, 100):
-        model.chunk_size = chunk
+    for chunk, checkpointing in [(None, False), (100, False), (100, True)]:
+        model.chunk_size, model.activation_checkpointing = chunk, checkpointing
         model.zero_grad()
         out = evaluate_model(model, graph, create_graph=True)
         (out["forces"].square().sum() + out["energy"].sum()).backward()
@@ -155,3 +173,17 @@ def test_chunked_forward_creates_no_large_tensor(bulk_graph):
     a2a_edges = model.build_indices(bulk_graph).a2a.num
     assert largest[None] >= a2a_edges * SMALL["num_radial"] * 8  # the whole raw a2a basis
     assert largest[256] * 4 < largest[None], largest
+
+
+def test_checkpointing_lowers_the_peak_of_a_gradient_call(bulk_graph):
+    """Gradient forces: autograd keeps every intermediate of every block until the backward; with checkpointing
+    it keeps block inputs and recomputes one chunk at a time (live tensor bytes, allocator-independent)."""
+    model = small_model(False)
+    peak = {}
+    for chunk, checkpointing in [(None, False), (1024, True)]:
+        model.chunk_size, model.activation_checkpointing = chunk, checkpointing
+        with LiveTensorPeak() as mode:
+            out = evaluate_model(model, bulk_graph)
+        assert torch.isfinite(out["forces"]).all()
+        peak[checkpointing] = mode.peak
+    assert peak[True] * 3 < peak[False], peak

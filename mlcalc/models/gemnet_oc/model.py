@@ -41,6 +41,7 @@ from mlcalc.models.gemnet_oc.layers import (
 )
 from mlcalc.models.gemnet_oc.output import OutputBlock
 from mlcalc.models.gemnet_oc.scaling import apply_scale_dict, load_gemnet_state, read_scale_file
+from mlcalc.nn.chunking import checkpoint
 from mlcalc.nn.geometry import dihedral_angle
 from mlcalc.nn.scatter import gather, scatter_mean, scatter_sum
 
@@ -97,7 +98,12 @@ class GemNetOC(MLModel):
       values: chunk_size x emb_size_edge / emb_size_trip_in (aint_in, quad_in) padded rows, at least one slot.
       Only one chunk's intermediates exist at a time, so the transient memory of a call is bounded by about
       chunk_size x emb_size_edge values per live tensor instead of growing with the structure.
-      Off under ``torch.compile`` (the compiled graph keeps sizes symbolic).
+    - ``activation_checkpointing`` (default True; fairchem v2's name): while autograd records in eval mode
+      (gradient forces and stress), keep only the inputs of each interaction block and of each chunk and
+      recompute the rest in the backward (``mlcalc.nn.chunking.checkpoint``), so that the memory of a
+      call grows with a few edge tensors instead of ~100. Costs about one more forward per call. Off in training
+      mode (``self.training``: the usual memory/speed trade-off of training is left to the caller) and
+      under ``torch.compile`` (where chunking is off as well: the compiled graph keeps sizes symbolic).
     """
 
     def __init__(
@@ -225,6 +231,7 @@ class GemNetOC(MLModel):
             "edge": emb_size_edge, "trip": emb_size_trip_in, "quad": emb_size_quad_in, "a2a": emb_size_aint_in
         }  # fmt: skip
         self.chunk_size: int | None = DEFAULT_CHUNK_SIZE
+        self.activation_checkpointing: bool = True
 
         self.scale_file = scale_file
         values = read_scale_file(scale_file)
@@ -373,11 +380,12 @@ class GemNetOC(MLModel):
         return idx
 
     def chunking(self) -> Chunking:
-        """How this call runs (see the class docstring): ``chunk_size`` rows per chunk; everything at once under
-        ``torch.compile``."""
+        """How this call runs (see the class docstring): ``chunk_size`` rows per chunk and, while autograd records
+        in eval mode, activation checkpointing; everything at once under ``torch.compile``."""
         if torch.compiler.is_compiling():
             return PLAIN
-        return Chunking(self.chunk_size)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and not self.training
+        return Chunking(self.chunk_size, recompute)
 
     def get_bases(self, idx: GemNetIndices, chunking: Chunking | None = None) -> dict[str, Any]:
         """Raw bases of all graphs and their shared down-projections; per-edge and per-triplet bases are computed
@@ -485,7 +493,8 @@ class GemNetOC(MLModel):
         x_e, f_sum = self.out_blocks[0](h, m, bases["output"], main.dst, ck, weights[0])
         xs_e = [x_e]
         for i, (block, out_block) in enumerate(zip(self.int_blocks, self.out_blocks[1:], strict=True)):
-            h, m = block(h, m, bases, idx, ck)
+            # under activation checkpointing only the block's inputs are kept for the backward
+            h, m = checkpoint(block, h, m, bases, idx, ck, enabled=ck.checkpoint)
             x_e, x_f = out_block(h, m, bases["output"], main.dst, ck, weights[i + 1])
             xs_e.append(x_e)
             if self.direct_forces:
