@@ -59,12 +59,19 @@ def test_float64_doubles_the_estimate(monkeypatch):
         mlcalc.memory.check_fits(model, MLCalculator(model).build_graph(atoms), "cpu", torch.float64)
 
 
-@pytest.mark.parametrize("family", ["spherenet", "escn", "scn"])
+@pytest.mark.parametrize("family", ["spherenet", "escn", "scn", "gemnet_oc", "gemnet_oc_direct"])
 def test_every_large_model_refuses_before_evaluating(family, monkeypatch):
     """With 1 MiB free, each graph model refuses a 32-atom cell with MemoryError before its forward runs."""
     from test_chunking_escn_scn import _escn, _scn
+    from test_gemnet_oc_memory import small_model
 
-    model = {"spherenet": lambda: SphereNet(num_layers=1), "escn": _escn, "scn": _scn}[family]()
+    model = {
+        "spherenet": lambda: SphereNet(num_layers=1),
+        "escn": _escn,
+        "scn": _scn,
+        "gemnet_oc": lambda: small_model(direct=False),
+        "gemnet_oc_direct": lambda: small_model(direct=True),
+    }[family]()
     monkeypatch.setattr(mlcalc.memory, "available_bytes", lambda device: 1024**2)
     monkeypatch.setattr(type(model), "forward", lambda self, graph: pytest.fail("forward ran"))
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
