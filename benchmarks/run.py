@@ -9,7 +9,8 @@ them; it needs ``pip install vesin platformdirs`` there and imports mlcalc from 
 graph vs vesin and ASE), skin.py (graph time per MD step with and without neighbour reuse), relax_batched.py
 (mlcalc.optimize vs ASE one by one), inference_server.py (16 concurrent relaxations vs one by one),
 ray_overhead.py (mlcalc.distributed on a local Ray vs serial) and memory.py (time and peak memory of one call at
-1k / 5k / 20k atoms; the full run takes about an hour on one core).
+1k / 5k / 20k atoms). The full run takes several hours on one core (memory.py's 5k and 20k calls most of it);
+``--quick`` takes minutes.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fairchem", help="reference venv with fairchem-core 1.10 (side-by-side columns)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
-    p.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats and smaller sizes (minutes instead of hours; no 5k/20k)"
+    )
+    p.add_argument(
+        "--out", default=str(ROOT / "docs" / "performance.md"), help="where to write the tables (default: %(default)s, "
+        "overwritten)"
+    )
     args = p.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     ours = sys.executable

@@ -99,7 +99,7 @@ def check_fits(model: torch.nn.Module, graph, device: torch.device | str, dtype:
     raise MemoryError(
         f"{name} needs about {estimate / GIB:.1f} GiB for {graph.num_atoms} atoms in {graph.num_graphs} "
         f"structure(s) ({graph.num_edges} edges within {model.cutoff:g} Å), more than the {available / GIB:.1f} GiB "
-        f"free on {device}: use smaller batches (predict(batch_size=...)), fewer atoms per structure or a machine "
-        f"with more memory (the estimate is a fit to benchmarks/memory.py; check_memory=False on the calculator "
-        f"skips this check)"
+        f"free on {device}: use fewer atoms per structure (or smaller batches, predict(batch_size=...)) or a "
+        f"machine with more memory (the estimate is a fit to benchmarks/memory.py at the model's default chunk_size "
+        f"and activation checkpointing; check_memory=False on the calculator skips this check)"
     )

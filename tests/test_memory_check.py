@@ -78,3 +78,14 @@ def test_every_large_model_refuses_before_evaluating(family, monkeypatch):
     atoms.calc = MLCalculator(model, device="cpu")
     with pytest.raises(MemoryError, match=r"for 32 atoms in 1 structure\(s\) \(\d+ edges within"):
         atoms.get_forces()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "64"])
+def test_chunk_size_must_be_a_positive_integer(bad):
+    model = SphereNet(num_layers=1)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer or None"):
+        model.chunk_size = bad
+    model.chunk_size = np.int64(7)
+    assert model.chunk_size == 7 and type(model.chunk_size) is int
+    model.chunk_size = None
+    assert model.chunk_size is None

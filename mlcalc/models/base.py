@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +67,18 @@ class MLModel(nn.Module):
         #: per-element energy references, atomic number -> eV, added to the denormalised energy (fairchem's
         #: ``elementrefs`` / a linear reference fitted on the training set); empty = none
         self.element_references: dict[int, float] = {}
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Rows processed at once in the model's memory-heavy loops (edges, triplets or padded rows, per model);
+        None = all at once. Models without chunked loops ignore it."""
+        return self.__dict__.get("_chunk_size")
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {value!r}")
+        self.__dict__["_chunk_size"] = None if value is None else int(value)
 
     def estimate_memory(self, graph: AtomGraph) -> int | None:
         """Estimated peak bytes one energy + forces evaluation of ``graph`` adds, in float32 (None: no estimate).
