@@ -313,7 +313,10 @@ class MLCalculator(Calculator):
         matmul_precision: "highest" (default: float32 matmuls), "high" (TF32 on CUDA; float32 on CPU) or "medium"
             (CUDA: bfloat16 matmuls with float32 accumulation; CPUs with AVX512-BF16 or AMX-BF16: the linear
             layers run as bfloat16 products with float32 accumulation, ``mlcalc.precision``; everything else
-            stays float32); torch's ``set_float32_matmul_precision`` words. Per instance: set for the duration of
+            stays float32); torch's ``set_float32_matmul_precision`` words. "medium" moves energies by ~1e-2 eV
+            and forces by 1-4e-2 eV/Å on the shipped checkpoints (docs/performance.md): for screening, not for
+            converged forces or MD; it is faster only for large models (OC20 sizes: 1.3-1.6x on an AVX512-BF16 CPU).
+            Per instance: set for the duration of
             each evaluation and restored after, under a process-wide lock (evaluations of calculators in different
             threads run one at a time). No effect on float64 calculators. ``benchmarks/precision.py`` measures
             what each mode costs in accuracy.
