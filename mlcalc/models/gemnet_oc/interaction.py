@@ -15,12 +15,14 @@ from mlcalc.models.gemnet_oc.layers import (
     Dense,
     EdgeEmbedding,
     EfficientInteractionBilinear,
+    NeighborBasis,
     ResidualLayer,
     ScaleFactor,
     map_rows,
     run_chunks,
 )
 from mlcalc.models.gemnet_oc.output import AtomUpdateBlock
+from mlcalc.nn.chunking import checkpoint
 from mlcalc.nn.scatter import gather
 
 
@@ -164,20 +166,33 @@ class PairInteraction(nn.Module):
         self.inv_sqrt_2 = 1 / math.sqrt(2.0)
 
     def forward(
-        self, h: Tensor, rad_basis: Tensor, src: Tensor, agg: Aggregation, chunking: Chunking = PLAIN
+        self, h: Tensor, rad_basis: Tensor | NeighborBasis, src: Tensor, agg: Aggregation, chunking: Chunking = PLAIN
     ) -> Tensor:
-        """h: (N, emb_size_atom); rad_basis: (N, emb_size_rbf, kmax) padded per atom; src: (E_a2a,) source atoms;
-        agg: a2a edges -> target atoms. Returns (N, emb_size_atom); the padded neighbour messages (N_chunk, kmax,
-        pair_in) are built one chunk of target atoms at a time."""
+        """h: (N, emb_size_atom); rad_basis: (N, emb_size_rbf, kmax) padded per atom, or a ``NeighborBasis`` built
+        per chunk; src: (E_a2a,) source atoms; agg: a2a edges -> target atoms. Returns (N, emb_size_atom); the
+        padded neighbour messages (N_chunk, kmax, pair_in) are built one chunk of target atoms at a time."""
         x = self.down_projection(h)  # (N, pair_in)
 
-        def atoms(start: int, stop: int, row_start: int, row_stop: int, rad_basis: Tensor, x: Tensor) -> Tensor:
-            rows = agg.rows(row_start, row_stop)
+        def product(start: int, stop: int, rows: slice | Tensor, rad_basis: Tensor, x: Tensor) -> Tensor:
             x2 = agg.pad_rows(gather(x, src[rows]), start, stop, rows)  # (N_chunk, kmax, pair_in)
             return self.bilinear((rad_basis @ x2).flatten(1))
 
-        h_out = self.scale_rbf_sum(run_chunks(atoms, agg.slot_calls([rad_basis], [x]), agg.size, chunking))
-        return self.up_projection(h_out)
+        if isinstance(rad_basis, NeighborBasis):
+            basis = rad_basis
+
+            def lazy_atoms(start: int, stop: int, row_start: int, row_stop: int, dist: Tensor, x: Tensor) -> Tensor:
+                rows = agg.rows(row_start, row_stop)
+                return product(start, stop, rows, basis.atoms(dist[rows], start, stop, rows), x)
+
+            calls = agg.slot_calls([], [basis.dist, x])
+            h_out = run_chunks(lazy_atoms, calls, agg.size, chunking)
+        else:
+
+            def atoms(start: int, stop: int, row_start: int, row_stop: int, rad_basis: Tensor, x: Tensor) -> Tensor:
+                return product(start, stop, agg.rows(row_start, row_stop), rad_basis, x)
+
+            h_out = run_chunks(atoms, agg.slot_calls([rad_basis], [x]), agg.size, chunking)
+        return self.up_projection(self.scale_rbf_sum(h_out))
 
 
 class InteractionBlock(nn.Module):
@@ -287,7 +302,7 @@ class InteractionBlock(nn.Module):
             h_new = h_new + self.atom_interaction(h, bases["a2a"], idx.a2a.src, idx.a2a_agg, chunking)
         h = h_new * self.inv_sqrt_num_aint
 
-        m = map_rows(self.edge_update, [x, m], (), chunking)
+        m = map_rows(self.edge_update, [x, m], (chunking.checkpoint,), chunking)
 
         for layer in self.atom_emb_layers:
             h = layer(h)
@@ -296,15 +311,16 @@ class InteractionBlock(nn.Module):
         terms = self.concat_layer.atom_terms(h)
         return h, map_rows(self.edge_output, [m, idx.main.src, idx.main.dst], terms, chunking)
 
-    def edge_update(self, x: Tensor, m: Tensor) -> Tensor:
+    def edge_update(self, x: Tensor, m: Tensor, recompute: bool = False) -> Tensor:
         """Residual layers around the skip connection: message x and embedding m (E_chunk, emb_size_edge) -> the
-        new embedding."""
+        new embedding. ``recompute``: checkpoint each layer as well (the backward of a chunk then holds one
+        layer's intermediates at a time instead of those of all four)."""
         for layer in self.layers_before_skip:
-            x = layer(x)
+            x = checkpoint(layer, x, enabled=recompute)
         # x is fresh unless there is no layer (then it is the caller's tensor: not overwritten)
         m = (x.add_(m) if len(self.layers_before_skip) else x + m).mul_(self.inv_sqrt_2)
         for layer in self.layers_after_skip:
-            m = layer(m)
+            m = checkpoint(layer, m, enabled=recompute)
         return m
 
     def edge_output(self, m: Tensor, src: Tensor, dst: Tensor, source_term: Tensor, target_term: Tensor) -> Tensor:

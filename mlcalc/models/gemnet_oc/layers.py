@@ -304,6 +304,74 @@ class Aggregation:
         out[self.outer, :, self.inner] = x
         return out
 
+    def pad_columns_rows(self, x: Tensor, slot_start: int, slot_stop: int, rows: slice | Tensor) -> Tensor:
+        """``pad_columns`` of the rows ``rows`` (values x (R_chunk, C)) of slots [slot_start, slot_stop):
+        (slot_stop - slot_start, C, kmax)."""
+        out = x.new_zeros((slot_stop - slot_start, x.shape[1], self.kmax))
+        out[self.outer[rows] - slot_start, :, self.inner[rows]] = x
+        return out
+
+
+def dot_clamped(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise dot product of unit vectors (R, 3), clamped to [-1, 1]: the cosine of their angle."""
+    return torch.sum(x * y, dim=-1).clamp(min=-1, max=1)
+
+
+@dataclass
+class TripletBasis:
+    """The projected circular basis of one triplet interaction, built chunk by chunk of output edges from the
+    geometry (so that no (E, num_spherical, kmax) layout, nor its gradient, is ever whole).
+
+    layer: a ``CircularBasisLayer`` (radial basis of the output edges' distances, angular basis of the cosines);
+    emb: the ``BasisEmbedding`` projecting the radial basis; dist (E_out,) output-edge distances, Å; v_out (E_out,
+    3), v_in (E_in, 3) unit vectors of the output and input edges; out, in_ (T,) the triplets' output and input
+    edges; agg: triplets -> output edges. Same values as ``emb(layer(dist, cos), sph_agg=agg)`` sliced.
+    """
+
+    layer: nn.Module
+    emb: BasisEmbedding
+    dist: Tensor
+    v_out: Tensor
+    v_in: Tensor
+    out: Tensor
+    in_: Tensor
+    agg: Aggregation
+
+    def rad_w1(self, dist: Tensor) -> Tensor:
+        """(E_chunk,) distances -> projected radial basis (E_chunk, emb_size_interm, num_spherical)."""
+        return self.emb.project(self.layer.radial_basis(dist))
+
+    def sph(self, v_out: Tensor, v_in: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
+        """Angular basis of the triplet rows ``rows`` of the output edges [edge_start, edge_stop), padded per
+        edge: (E_chunk, num_spherical, kmax). v_out, v_in: the whole ``self.v_out``, ``self.v_in``."""
+        cos = dot_clamped(gather(v_out, self.out[rows]), gather(v_in, self.in_[rows]))
+        return self.agg.pad_columns_rows(self.layer.angular(cos), edge_start, edge_stop, rows)
+
+    def whole(self, rad_agg: Aggregation | None = None) -> tuple[Tensor, Tensor]:
+        """(rad_W1, sph) of all output edges at once, rad_W1 padded per atom with ``rad_agg`` as
+        ``BasisEmbedding.arrange`` does."""
+        rows = slice(0, self.out.shape[0])
+        sph = self.sph(self.v_out, self.v_in, 0, self.agg.size, rows)
+        return self.emb.arrange(self.rad_w1(self.dist), rad_agg=rad_agg), sph
+
+
+@dataclass
+class NeighborBasis:
+    """Projected radial basis of a neighbour layout (atom-to-atom edges -> target atoms), built per chunk of
+    atoms: radial_basis (E,) -> (E, num_radial), emb (``BasisEmbedding`` without num_spherical), dist (E,) Å,
+    agg: edges -> atoms. Same values as ``emb(radial_basis(dist), rad_agg=agg)`` sliced."""
+
+    radial_basis: nn.Module
+    emb: BasisEmbedding
+    dist: Tensor
+    agg: Aggregation
+
+    def atoms(self, dist: Tensor, atom_start: int, atom_stop: int, rows: slice | Tensor) -> Tensor:
+        """(N_chunk, emb_size_interm, kmax) for atoms [atom_start, atom_stop) with edge rows ``rows`` (their
+        distances ``dist[rows]`` given as dist)."""
+        rad = self.emb.project(self.radial_basis(dist))  # (E_chunk, interm)
+        return torch.transpose(self.agg.pad_rows(rad, atom_start, atom_stop, rows), 1, 2)
+
 
 class BasisEmbedding(nn.Module):
     """Projects a radial basis with a weight tensor, ready for the efficient bilinear layers.
@@ -381,18 +449,18 @@ class EfficientInteractionBilinear(nn.Module):
 
     def forward(
         self,
-        basis: tuple[Tensor, Tensor],
+        basis: tuple[Tensor, Tensor] | TripletBasis,
         m: Tensor,
         agg: Aggregation,
         agg2: Aggregation | None = None,
         index: Tensor | None = None,
         chunking: Chunking = PLAIN,
     ) -> Tensor:
-        """basis: (rad_W1, sph) from BasisEmbedding; m: (T, emb_size_in) per triplet/quadruplet, or with ``index``
-        (T,) the rows m[index]; agg: triplets -> output edges; agg2 (optional): output edges -> atoms. Returns
-        (E or N, emb_size_out). Chunks of output slots (``agg.chunks``, or ``agg2.chunks`` with
-        ``agg2.inner_rows``) bound the padded tensors; without a plan for agg2 its edges are done in one piece."""
-        rad_w1, sph = basis
+        """basis: (rad_W1, sph) from BasisEmbedding, or a ``TripletBasis`` built per chunk; m: (T, emb_size_in) per
+        triplet/quadruplet, or with ``index`` (T,) the rows m[index]; agg: triplets -> output edges; agg2
+        (optional): output edges -> atoms. Returns (E or N, emb_size_out). Chunks of output slots (``agg.chunks``,
+        or ``agg2.chunks`` with ``agg2.inner_rows``) bound the padded tensors; without a plan for agg2 its edges
+        are done in one piece."""
 
         def sph_m(m: Tensor, sph: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
             """sum_k sph[e, :, k] m[k] of the output edges [edge_start, edge_stop) with their rows of sph:
@@ -401,22 +469,36 @@ class EfficientInteractionBilinear(nn.Module):
             m_padded = agg.pad_rows(m_rows, edge_start, edge_stop, rows)  # (E_chunk, kmax, emb_in)
             return torch.matmul(sph, m_padded)
 
-        if agg2 is None:
-
-            def edge_chunk(start: int, stop: int, row_start: int, row_stop: int, rad_w1: Tensor, sph: Tensor, m):
-                part = sph_m(m, sph, start, stop, agg.rows(row_start, row_stop))
-                rad_w1_sph_m = torch.matmul(rad_w1, part)  # (E_chunk, interm, emb_in)
-                return self.bilinear(rad_w1_sph_m.flatten(1))  # (E_chunk, emb_out)
-
-            return run_chunks(edge_chunk, agg.slot_calls([rad_w1, sph], [m]), agg.size, chunking)
-
         def atom_product(rad_w1: Tensor, sph_m_padded: Tensor) -> Tensor:
             """rad_W1 (N_chunk, interm, kmax2 * num_spherical) and the padded (N_chunk, kmax2, num_spherical,
             emb_in) -> (N_chunk, emb_out)."""
             sph_m_padded = sph_m_padded.flatten(1, 2)  # (N_chunk, kmax2 * num_spherical, emb_in)
             return self.bilinear((rad_w1 @ sph_m_padded).flatten(1))  # (N_chunk, interm, emb_in)
 
+        lazy = isinstance(basis, TripletBasis)
+        if agg2 is None:
+
+            def edge_product(start: int, stop: int, rows: slice | Tensor, rad_w1: Tensor, sph: Tensor, m: Tensor):
+                rad_w1_sph_m = torch.matmul(rad_w1, sph_m(m, sph, start, stop, rows))  # (E_chunk, interm, emb_in)
+                return self.bilinear(rad_w1_sph_m.flatten(1))  # (E_chunk, emb_out)
+
+            if lazy:
+
+                def lazy_chunk(start: int, stop: int, row_start: int, row_stop: int, dist, m, v_out, v_in):
+                    rows = agg.rows(row_start, row_stop)
+                    sph = basis.sph(v_out, v_in, start, stop, rows)
+                    return edge_product(start, stop, rows, basis.rad_w1(dist), sph, m)
+
+                calls = agg.slot_calls([basis.dist], [m, basis.v_out, basis.v_in])
+                return run_chunks(lazy_chunk, calls, agg.size, chunking)
+
+            def edge_chunk(start: int, stop: int, row_start: int, row_stop: int, rad_w1: Tensor, sph: Tensor, m):
+                return edge_product(start, stop, agg.rows(row_start, row_stop), rad_w1, sph, m)
+
+            return run_chunks(edge_chunk, agg.slot_calls(list(basis), [m]), agg.size, chunking)
+
         if agg2.inner_rows is None:  # output edges in one piece, then atoms
+            rad_w1, sph = basis.whole(agg2) if lazy else basis
             sph_m_all = sph_m(m, sph, 0, agg.size, slice(0, agg.outer.shape[0]))  # (E, num_spherical, emb_in)
 
             def atom_chunk(start: int, stop: int, row_start: int, row_stop: int, rad_w1: Tensor, sph_m_all: Tensor):
@@ -426,11 +508,29 @@ class EfficientInteractionBilinear(nn.Module):
             return run_chunks(atom_chunk, agg2.slot_calls([rad_w1], [sph_m_all]), agg2.size, chunking)
 
         # agg2's rows (edges) are ascending by atom: a chunk of atoms is a range of edges, and of their triplets
+        atoms = agg2.chunk_list()
+        if lazy:
+
+            def lazy_fused(start: int, stop: int, edges: slice, triplets: slice, dist, m, v_out, v_in) -> Tensor:
+                rad_w1 = agg2.pad_rows(basis.rad_w1(dist), start, stop, edges)  # (N_chunk, kmax2, interm, nsph)
+                rad_w1 = torch.transpose(rad_w1, 1, 2).flatten(2)  # (N_chunk, interm, kmax2 * num_spherical)
+                part = sph_m(
+                    m, basis.sph(v_out, v_in, edges.start, edges.stop, triplets), edges.start, edges.stop, triplets
+                )
+                return atom_product(rad_w1, agg2.pad_rows(part, start, stop, edges))
+
+            dist_pieces = split_rows(basis.dist, atoms, groups=False)  # per edge: the rows of agg2
+            calls = [
+                (c.g0, c.g1, (c.g0, c.g1, slice(c.r0, c.r1), slice(*r), dist_pieces[i], m, basis.v_out, basis.v_in))
+                for i, (c, r) in enumerate(zip(atoms, agg2.inner_rows, strict=True))
+            ]
+            return run_chunks(lazy_fused, calls, agg2.size, chunking)
+
         def fused_chunk(start: int, stop: int, edges: slice, triplets: slice, rad_w1: Tensor, sph: Tensor, m):
             part = sph_m(m, sph, edges.start, edges.stop, triplets)  # (E_chunk, num_spherical, emb_in)
             return atom_product(rad_w1, agg2.pad_rows(part, start, stop, edges))
 
-        atoms = agg2.chunk_list()
+        rad_w1, sph = basis
         rad_pieces = split_rows(rad_w1, atoms)  # per atom
         sph_pieces = split_rows(sph, atoms, groups=False)  # per edge: the rows of agg2
         calls = [

@@ -34,7 +34,10 @@ from mlcalc.models.gemnet_oc.layers import (
     Chunking,
     Dense,
     EdgeEmbedding,
+    NeighborBasis,
     ResidualLayer,
+    TripletBasis,
+    dot_clamped,
     get_initializer,
     map_rows,
     needs_grad,
@@ -61,10 +64,6 @@ class GemNetIndices:
     trip_e2a: ix.Triplets | None = None
     a2ee2a_agg: Aggregation | None = None
     a2a_agg: Aggregation | None = None
-
-
-def _dot_clamped(x: Tensor, y: Tensor) -> Tensor:
-    return torch.sum(x * y, dim=-1).clamp(min=-1, max=1)
 
 
 def _angle(a: Tensor, b: Tensor) -> Tensor:
@@ -99,11 +98,13 @@ class GemNetOC(MLModel):
       Only one chunk's intermediates exist at a time, so the transient memory of a call is bounded by about
       chunk_size x emb_size_edge values per live tensor instead of growing with the structure.
     - ``activation_checkpointing`` (default True; fairchem v2's name): while autograd records in eval mode
-      (gradient forces and stress), keep only the inputs of each interaction block and of each chunk and
-      recompute the rest in the backward (``mlcalc.nn.chunking.checkpoint``), so that the memory of a
-      call grows with a few edge tensors instead of ~100. Costs about one more forward per call. Off in training
-      mode (``self.training``: the usual memory/speed trade-off of training is left to the caller) and
-      under ``torch.compile`` (where chunking is off as well: the compiled graph keeps sizes symbolic).
+      (gradient forces and stress), autograd keeps only the inputs of each block (edge embedding + first blocks,
+      each interaction and output block), of each chunk and of each residual layer of the edge update, and
+      recomputes the rest in the backward (``mlcalc.nn.chunking.checkpoint``): the memory of a call grows with
+      about seven edge tensors (E, emb_size_edge) plus one chunk, instead of ~100 edge tensors. Costs about two
+      more forwards per call. Off in training mode (``self.training``: the memory/speed trade-off of training is
+      left to the caller) and under ``torch.compile`` (where chunking is off as well: the compiled graph keeps
+      sizes symbolic).
     """
 
     def __init__(
@@ -388,8 +389,9 @@ class GemNetOC(MLModel):
         return Chunking(self.chunk_size, recompute)
 
     def get_bases(self, idx: GemNetIndices, chunking: Chunking | None = None) -> dict[str, Any]:
-        """Raw bases of all graphs and their shared down-projections; per-edge and per-triplet bases are computed
-        in chunks (``chunking``, default ``self.chunking()``), so only their projections exist whole."""
+        """Raw bases of all graphs and their shared down-projections. Per-edge bases are computed in chunks
+        (``chunking``, default ``self.chunking()``), so only their projections exist whole; the padded triplet and
+        atom-to-atom bases (``TripletBasis``, ``NeighborBasis``) are built chunk by chunk where they are used."""
         ck = self.chunking() if chunking is None else chunking
         main, trip = idx.main, idx.trip_e2e
         rad_main = map_rows(self.radial_basis, [main.dist], (), ck)  # (E, num_radial)
@@ -404,19 +406,19 @@ class GemNetOC(MLModel):
         rad = dict(zip(dense, projected, strict=True))
         bases["e2e"] = {
             "rad": rad["tint"],
-            "cir": self._circular(self.cbf_basis_tint, self.mlp_cbf_tint, main.dist, (main, main), trip, ck),
+            "cir": self._circular(self.cbf_basis_tint, self.mlp_cbf_tint, main, main, trip),
         }
         if self.use_quad and idx.quad.out.numel() > 0:  # else the quadruplet message is 0 and skipped
             quad, qint = idx.quad, idx.qint
             # d -> b -> a
             v_ba = gather(qint.vector, quad.triplet_in.out)
             v_db = gather(main.vector, quad.triplet_in.in_)
-            cos_abd = _dot_clamped(v_ba, v_db)
+            cos_abd = dot_clamped(v_ba, v_db)
             cross_db = gather(torch.cross(v_db, v_ba, dim=-1), quad.trip_in_to_quad)
             # c -> a <- b
             v_ca = gather(main.vector, quad.triplet_out.out)
             v_ba = gather(qint.vector, quad.triplet_out.in_)
-            cos_cab_q = _dot_clamped(v_ca, v_ba)
+            cos_cab_q = dot_clamped(v_ca, v_ba)
             cross_ca = gather(torch.cross(v_ca, v_ba, dim=-1), quad.trip_out_to_quad)
             dihedral = _angle(cross_ca, cross_db)  # c -> a - b <- d (half angle, parity ignored)
             rad_cir_q, cir_q = self.cbf_basis_qint(qint.dist, cos_abd)
@@ -430,45 +432,27 @@ class GemNetOC(MLModel):
             a2ee2a, trip = idx.a2ee2a, idx.trip_a2e
             bases["a2e"] = {
                 "rad": map_rows(lambda d: self.mlp_rbf_aeint(self.radial_basis_aeaint(d)), [a2ee2a.dist], (), ck),
-                "cir": self._circular(self.cbf_basis_aeint, self.mlp_cbf_aeint, main.dist, (main, a2ee2a), trip, ck),
+                "cir": self._circular(self.cbf_basis_aeint, self.mlp_cbf_aeint, main, a2ee2a, trip),
             }
         if self.use_e2a:
             a2ee2a, trip = idx.a2ee2a, idx.trip_e2a
             bases["e2a"] = {
                 "rad": rad["eaint"],
-                "cir": self._circular(
-                    self.cbf_basis_eaint, self.mlp_cbf_eaint, a2ee2a.dist, (a2ee2a, main), trip, ck, idx.a2ee2a_agg
-                ),
+                "cir": self._circular(self.cbf_basis_eaint, self.mlp_cbf_eaint, a2ee2a, main, trip),
             }
         if self.use_a2a:
-            emb, radial = self.mlp_rbf_aint, self.radial_basis_aint
-            rad_w1 = map_rows(lambda d: emb.project(radial(d)), [idx.a2a.dist], (), ck)  # (E_a2a, emb_size_rbf)
-            bases["a2a"] = emb.arrange(rad_w1, rad_agg=idx.a2a_agg)  # (N, emb_size_rbf, kmax)
+            bases["a2a"] = NeighborBasis(self.radial_basis_aint, self.mlp_rbf_aint, idx.a2a.dist, idx.a2a_agg)
         bases["atom_update"] = rad["h"]
         bases["output"] = rad["out"]
         return bases
 
     @staticmethod
     def _circular(
-        layer: CircularBasisLayer,
-        emb: BasisEmbedding,
-        dist: Tensor,
-        graphs: tuple[ix.Edges, ix.Edges],
-        trip: ix.Triplets,
-        chunking: Chunking,
-        rad_agg: Aggregation | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Projected circular basis of triplets ``trip`` (output edges of graphs[0], input edges of graphs[1]):
-        (rad_W1, sph) for ``EfficientInteractionBilinear``; dist (E_out,) the output edges' distances, Å. The
-        raw bases (E_out, num_radial) and the angle terms exist one chunk at a time."""
-        v_out, v_in = graphs[0].vector, graphs[1].vector
-
-        def angular(out: Tensor, in_: Tensor) -> Tensor:  # cosine of the angle between the two edges
-            return layer.angular(_dot_clamped(gather(v_out, out), gather(v_in, in_)))
-
-        rad_w1 = map_rows(lambda d: emb.project(layer.radial_basis(d)), [dist], (), chunking)
-        cir = map_rows(angular, [trip.out, trip.in_], (), chunking)  # (T, num_spherical)
-        return emb.arrange(rad_w1, cir, rad_agg=rad_agg, sph_agg=trip.agg)
+        layer: CircularBasisLayer, emb: BasisEmbedding, graph_out: ix.Edges, graph_in: ix.Edges, trip: ix.Triplets
+    ) -> TripletBasis:
+        """Projected circular basis of triplets ``trip`` with output edges of graph_out and input edges of
+        graph_in, built per chunk of output edges by the interaction that uses it."""
+        return TripletBasis(layer, emb, graph_out.dist, graph_out.vector, graph_in.vector, trip.out, trip.in_, trip.agg)
 
     # ------------------------------------------------------------------------------------------ memory
     def estimate_memory(self, graph: AtomGraph) -> int:
@@ -505,14 +489,20 @@ class GemNetOC(MLModel):
             for i in range(self.num_blocks + 1)
         ]
 
-        h = self.atom_emb(z)
-        m = self.edge_emb(h, bases["rad_main"], main.edge_index, ck)
-        x_e, f_sum = self.out_blocks[0](h, m, bases["output"], main.dst, ck, weights[0])
+        def first_block(h: Tensor, rad_main: Tensor) -> tuple[Tensor, Tensor | int, Tensor, Tensor]:
+            """Edge embedding, first output block, first interaction block: (x_e, x_f, h, m). One checkpointed
+            piece, so the initial edge embeddings are recomputed rather than kept."""
+            m = self.edge_emb(h, rad_main, main.edge_index, ck)
+            x_e, x_f = self.out_blocks[0](h, m, bases["output"], main.dst, ck, weights[0])
+            return x_e, x_f, *self.int_blocks[0](h, m, bases, idx, ck)
+
+        # under activation checkpointing only the blocks' inputs are kept for the backward
+        x_e, f_sum, h, m = checkpoint(first_block, self.atom_emb(z), bases["rad_main"], enabled=ck.checkpoint)
         xs_e = [x_e]
-        for i, (block, out_block) in enumerate(zip(self.int_blocks, self.out_blocks[1:], strict=True)):
-            # under activation checkpointing only the block's inputs are kept for the backward
-            h, m = checkpoint(block, h, m, bases, idx, ck, enabled=ck.checkpoint)
-            x_e, x_f = out_block(h, m, bases["output"], main.dst, ck, weights[i + 1])
+        for i, out_block in enumerate(self.out_blocks[1:]):
+            if i > 0:
+                h, m = checkpoint(self.int_blocks[i], h, m, bases, idx, ck, enabled=ck.checkpoint)
+            x_e, x_f = checkpoint(out_block, h, m, bases["output"], main.dst, ck, weights[i + 1], enabled=ck.checkpoint)
             xs_e.append(x_e)
             if self.direct_forces:
                 f_sum = f_sum + x_f if needs_grad(f_sum) else f_sum.add_(x_f)
