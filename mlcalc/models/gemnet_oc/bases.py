@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mlcalc.models.gemnet_oc.layers import ScaleFactor, needs_grad
 from mlcalc.nn.geometry import sqrt_one_minus_square
+from mlcalc.nn.smearing import exp_nonpositive
 
 #: attribute name fairchem uses for the cosine basis of CircularBasisLayer (part of state_dict keys)
 COS_BASIS_NAME = "cos\u03c6_basis"
@@ -65,8 +66,8 @@ class GaussianBasis(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         diff = x[:, None] - self.offset[None, :]
         if needs_grad(diff):
-            return torch.exp(self.coeff * torch.pow(diff, 2))
-        return diff.square_().mul_(self.coeff).exp_()  # same arithmetic without temporaries
+            return exp_nonpositive(self.coeff * torch.pow(diff, 2))
+        return exp_nonpositive(diff.square_().mul_(self.coeff), inplace=True)  # same arithmetic, no temporaries
 
 
 class SphericalBesselBasis(nn.Module):
