@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -269,6 +269,11 @@ class Aggregation:
     chunks: list[Chunk] | None = None
     order: Tensor | None = None
     inner_rows: list[tuple[int, int]] | None = None
+    #: per call (an Aggregation lives for one forward): padded source indices of ``pad_gather`` and reusable
+    #: output buffers, so repeated paddings of one layout (one per interaction block) gather into memory that
+    #: is already mapped instead of zero-filling fresh pages and scattering
+    _pad_index: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def chunk_list(self) -> list[Chunk]:
         """The planned chunks, or one chunk of everything."""
@@ -287,29 +292,67 @@ class Aggregation:
 
     def pad(self, x: Tensor) -> Tensor:
         """(R, ...) -> (size, kmax, ...), zeros where a slot has fewer rows."""
-        out = x.new_zeros((self.size, self.kmax, *x.shape[1:]))
-        out[self.outer, self.inner] = x
-        return out
+        return self.pad_rows(x, 0, self.size, slice(0, self.outer.shape[0]))
 
     def pad_rows(self, x: Tensor, slot_start: int, slot_stop: int, rows: slice | Tensor) -> Tensor:
         """Values x (R_chunk, ...) of ``rows`` (all in slots [slot_start, slot_stop)) -> (slot_stop - slot_start,
         kmax, ...), zeros elsewhere: the slots' block of ``pad``."""
+        if not needs_grad(x):
+            return self.pad_gather(x, slot_start, slot_stop, rows)
         out = x.new_zeros((slot_stop - slot_start, self.kmax, *x.shape[1:]))
         out[self.outer[rows] - slot_start, self.inner[rows]] = x
         return out
 
     def pad_columns(self, x: Tensor) -> Tensor:
-        """(R, C) -> (size, C, kmax), contiguous (the transpose of ``pad``, laid out for matmul)."""
-        out = x.new_zeros((self.size, x.shape[1], self.kmax))
-        out[self.outer, :, self.inner] = x
-        return out
+        """(R, C) -> (size, C, kmax) (the transpose of ``pad``, laid out for matmul; a transposed view of a
+        contiguous (size, kmax, C) tensor when no gradient is recorded)."""
+        return self.pad_columns_rows(x, 0, self.size, slice(0, self.outer.shape[0]))
 
     def pad_columns_rows(self, x: Tensor, slot_start: int, slot_stop: int, rows: slice | Tensor) -> Tensor:
         """``pad_columns`` of the rows ``rows`` (values x (R_chunk, C)) of slots [slot_start, slot_stop):
         (slot_stop - slot_start, C, kmax)."""
+        if not needs_grad(x):
+            return torch.transpose(self.pad_gather(x, slot_start, slot_stop, rows), 1, 2)
         out = x.new_zeros((slot_stop - slot_start, x.shape[1], self.kmax))
         out[self.outer[rows] - slot_start, :, self.inner[rows]] = x
         return out
+
+    def pad_gather(
+        self,
+        src: Tensor,
+        slot_start: int,
+        slot_stop: int,
+        rows: slice | Tensor,
+        index: Tensor | None = None,
+        reuse: bool = False,
+    ) -> Tensor:
+        """(slot_stop - slot_start, kmax, C) padded layout of the rows ``rows`` of slots [slot_start, slot_stop),
+        gathered in one pass: a row's value is ``src[index[row]]`` with ``index``, else the row's entry of src
+        (R_chunk, C), the values of ``rows`` in order; zeros elsewhere. The same values as ``pad_rows``; not
+        differentiable (used without autograd).
+
+        The padded position -> source row map is built once per (slots, index) and kept for the call.
+        ``reuse``: the result is written into a buffer kept for the call and overwritten by the next ``reuse``
+        gather of the same size, so the caller must be done with it by then (a padded operand consumed at once).
+        """
+        key = (slot_start, slot_stop, None if index is None else id(index), src.shape[0])
+        positions = None if torch.compiler.is_compiling() else self._pad_index.get(key)
+        if positions is None:
+            n_slots = slot_stop - slot_start
+            source = torch.arange(src.shape[0], device=src.device) if index is None else index[rows]
+            positions = torch.full((n_slots * self.kmax,), src.shape[0], dtype=torch.long, device=src.device)
+            positions[(self.outer[rows] - slot_start) * self.kmax + self.inner[rows]] = source
+            if not torch.compiler.is_compiling():
+                self._pad_index[key] = positions
+        src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))])  # row src.shape[0] is the zero row
+        shape = (slot_stop - slot_start, self.kmax, *src.shape[1:])
+        if not reuse or torch.compiler.is_compiling():
+            return gather(src_ext, positions).view(shape)
+        buf_key = (positions.shape[0], *src.shape[1:], src.dtype, src.device)
+        buffer = self._workspace.get(buf_key)
+        if buffer is None:
+            buffer = self._workspace[buf_key] = src.new_empty((positions.shape[0], *src.shape[1:]))
+        return torch.index_select(src_ext, 0, positions, out=buffer).view(shape)
 
 
 def dot_clamped(x: Tensor, y: Tensor) -> Tensor:
@@ -371,6 +414,10 @@ class NeighborBasis:
         distances ``dist[rows]`` given as dist)."""
         rad = self.emb.project(self.radial_basis(dist))  # (E_chunk, interm)
         return torch.transpose(self.agg.pad_rows(rad, atom_start, atom_stop, rows), 1, 2)
+
+    def whole(self) -> Tensor:
+        """(N, emb_size_interm, kmax) of all atoms at once."""
+        return self.atoms(self.dist, 0, self.agg.size, slice(0, self.dist.shape[0]))
 
 
 class BasisEmbedding(nn.Module):
@@ -465,6 +512,12 @@ class EfficientInteractionBilinear(nn.Module):
         def sph_m(m: Tensor, sph: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
             """sum_k sph[e, :, k] m[k] of the output edges [edge_start, edge_stop) with their rows of sph:
             (E_chunk, num_spherical, emb_in)."""
+            if not needs_grad(m):  # one gather into a buffer reused by every block (consumed at once)
+                if index is None:
+                    m_padded = agg.pad_gather(m[rows], edge_start, edge_stop, rows, reuse=True)
+                else:
+                    m_padded = agg.pad_gather(m, edge_start, edge_stop, rows, index=index, reuse=True)
+                return torch.matmul(sph, m_padded)
             m_rows = m[rows] if index is None else gather(m, index[rows])
             m_padded = agg.pad_rows(m_rows, edge_start, edge_stop, rows)  # (E_chunk, kmax, emb_in)
             return torch.matmul(sph, m_padded)

@@ -406,7 +406,7 @@ class GemNetOC(MLModel):
         rad = dict(zip(dense, projected, strict=True))
         bases["e2e"] = {
             "rad": rad["tint"],
-            "cir": self._circular(self.cbf_basis_tint, self.mlp_cbf_tint, main, main, trip),
+            "cir": self._circular(self.cbf_basis_tint, self.mlp_cbf_tint, main, main, trip, ck),
         }
         if self.use_quad and idx.quad.out.numel() > 0:  # else the quadruplet message is 0 and skipped
             quad, qint = idx.quad, idx.qint
@@ -432,27 +432,48 @@ class GemNetOC(MLModel):
             a2ee2a, trip = idx.a2ee2a, idx.trip_a2e
             bases["a2e"] = {
                 "rad": map_rows(lambda d: self.mlp_rbf_aeint(self.radial_basis_aeaint(d)), [a2ee2a.dist], (), ck),
-                "cir": self._circular(self.cbf_basis_aeint, self.mlp_cbf_aeint, main, a2ee2a, trip),
+                "cir": self._circular(self.cbf_basis_aeint, self.mlp_cbf_aeint, main, a2ee2a, trip, ck),
             }
         if self.use_e2a:
             a2ee2a, trip = idx.a2ee2a, idx.trip_e2a
             bases["e2a"] = {
                 "rad": rad["eaint"],
-                "cir": self._circular(self.cbf_basis_eaint, self.mlp_cbf_eaint, a2ee2a, main, trip),
+                "cir": self._circular(
+                    self.cbf_basis_eaint, self.mlp_cbf_eaint, a2ee2a, main, trip, ck, rad_agg=idx.a2ee2a_agg
+                ),
             }
         if self.use_a2a:
-            bases["a2a"] = NeighborBasis(self.radial_basis_aint, self.mlp_rbf_aint, idx.a2a.dist, idx.a2a_agg)
+            a2a_basis = NeighborBasis(self.radial_basis_aint, self.mlp_rbf_aint, idx.a2a.dist, idx.a2a_agg)
+            bases["a2a"] = a2a_basis.whole() if self._reuse_bases(ck, idx.a2a_agg) else a2a_basis
         bases["atom_update"] = rad["h"]
         bases["output"] = rad["out"]
         return bases
 
     @staticmethod
+    def _reuse_bases(ck: Chunking, *aggs: Aggregation | None) -> bool:
+        """Whether a lazily built basis is built once per call and kept (the layouts are one chunk each and
+        nothing is recomputed): it is then the same for every interaction block, as in fairchem. Otherwise each
+        block builds it chunk by chunk, so that no whole padded layout (nor its gradient) exists."""
+        return not ck.checkpoint and all(a is None or len(a.chunk_list()) == 1 for a in aggs)
+
+    @classmethod
     def _circular(
-        layer: CircularBasisLayer, emb: BasisEmbedding, graph_out: ix.Edges, graph_in: ix.Edges, trip: ix.Triplets
-    ) -> TripletBasis:
+        cls,
+        layer: CircularBasisLayer,
+        emb: BasisEmbedding,
+        graph_out: ix.Edges,
+        graph_in: ix.Edges,
+        trip: ix.Triplets,
+        ck: Chunking,
+        rad_agg: Aggregation | None = None,
+    ) -> TripletBasis | tuple[Tensor, Tensor]:
         """Projected circular basis of triplets ``trip`` with output edges of graph_out and input edges of
-        graph_in, built per chunk of output edges by the interaction that uses it."""
-        return TripletBasis(layer, emb, graph_out.dist, graph_out.vector, graph_in.vector, trip.out, trip.in_, trip.agg)
+        graph_in: built per chunk of output edges by the interaction that uses it, or, for one-chunk layouts
+        (``_reuse_bases``), once: (rad_W1, sph), rad_W1 padded per atom with ``rad_agg`` if given."""
+        basis = TripletBasis(
+            layer, emb, graph_out.dist, graph_out.vector, graph_in.vector, trip.out, trip.in_, trip.agg
+        )
+        return basis.whole(rad_agg) if cls._reuse_bases(ck, trip.agg, rad_agg) else basis
 
     # ------------------------------------------------------------------------------------------ memory
     def estimate_memory(self, graph: AtomGraph) -> int:
