@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,17 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _LINEAR = torch.nn.functional.linear
+#: per thread: how many Bfloat16Linears modes are entered (torch's mode stack is thread-local too)
+_ACTIVE = threading.local()
+
+
+def bfloat16_products() -> bool:
+    """Whether this thread is inside a ``Bfloat16Linears`` mode: model code may then also run its other large
+    float32 matrix products in bfloat16 the same way (float32 accumulation, float32 result), e.g. GemNet-OC's
+    padded bilinear layers."""
+    if torch.compiler.is_compiling():
+        return False
+    return getattr(_ACTIVE, "depth", 0) > 0
 
 
 @functools.cache
@@ -43,6 +55,20 @@ def cpu_has_bfloat16() -> bool:
 class Bfloat16Linears(TorchFunctionMode):
     """Within this mode, float32 ``torch.nn.functional.linear`` calls run as bfloat16 matrix products (float32
     accumulation, bfloat16-rounded product, float32 result and bias); all other operations are untouched."""
+
+    def __enter__(self) -> Bfloat16Linears:
+        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+        try:
+            return super().__enter__()
+        except BaseException:
+            _ACTIVE.depth -= 1
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            _ACTIVE.depth -= 1
 
     def for_recompute(self) -> Bfloat16Linears:
         """A fresh mode for activation-checkpoint recomputation (``mlcalc.nn.chunking.checkpoint``)."""

@@ -148,3 +148,67 @@ def test_medium_under_activation_checkpointing() -> None:
         out[precision] = a.get_forces()
     scale = np.abs(out["highest"]).max()
     assert np.abs(out["medium"] - out["highest"]).max() < 0.05 * scale
+
+
+def test_bfloat16_products_flag_is_per_thread_and_scoped() -> None:
+    from mlcalc.precision import Bfloat16Linears, bfloat16_products
+
+    assert not bfloat16_products()
+    seen = []
+    with Bfloat16Linears():
+        assert bfloat16_products()
+        worker = threading.Thread(target=lambda: seen.append(bfloat16_products()))
+        worker.start()
+        worker.join()
+        with Bfloat16Linears():  # nested (activation-checkpoint recomputation)
+            assert bfloat16_products()
+        assert bfloat16_products()
+    assert seen == [False]  # another thread is not in the mode
+    assert not bfloat16_products()
+    with pytest.raises(RuntimeError), Bfloat16Linears():
+        raise RuntimeError("left by an exception")
+    assert not bfloat16_products()
+
+
+def test_medium_runs_gemnet_padded_products_in_bfloat16() -> None:
+    """GemNet-OC's padded bilinear products (bmm) follow the linears into bfloat16 under medium, float32 otherwise,
+    and the forces stay within bfloat16 rounding of highest."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlcalc.precision import cpu_has_bfloat16
+
+    def bmm_dtypes(calc, atoms) -> set:
+        seen = set()
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.bmm.default:
+                    seen.add(args[0].dtype)
+                return func(*args, **(kwargs or {}))
+
+        with Spy():
+            out = calc.predict([atoms])[0]
+        return seen, out["forces"]
+
+    slab = _slab()
+    dtypes, f_high = bmm_dtypes(load_calculator(GEMNET, device="cpu"), slab)
+    assert dtypes == {torch.float32}
+    if not cpu_has_bfloat16():
+        pytest.skip("this CPU has no native bfloat16: medium leaves CPU matmuls in float32")
+    dtypes, f_medium = bmm_dtypes(load_calculator(GEMNET, device="cpu", matmul_precision="medium"), slab)
+    assert torch.bfloat16 in dtypes
+    assert np.abs(f_medium - f_high).max() < 0.05 * np.abs(f_high).max()
+    # direct forces (no autograd: the padded messages are gathered into reused buffers), quadruplets on
+    from test_gemnet_oc_memory import slab as tagged_slab
+    from test_gemnet_oc_memory import small_model
+
+    model = small_model(direct=True).float()
+    with torch.no_grad():  # weights of std 0.1, not 0.3: a random model then does not amplify bfloat16 rounding
+        for p in model.parameters():
+            p.mul_(1 / 3)
+    atoms = tagged_slab()
+    dtypes, f_high = bmm_dtypes(MLCalculator(model, device="cpu"), atoms)
+    assert dtypes == {torch.float32}
+    dtypes, f_medium = bmm_dtypes(MLCalculator(model, device="cpu", matmul_precision="medium"), atoms)
+    assert torch.bfloat16 in dtypes
+    assert np.abs(f_medium - f_high).max() < 0.05 * np.abs(f_high).max()

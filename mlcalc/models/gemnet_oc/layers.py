@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from mlcalc.nn.chunking import Chunk, checkpoint, split_rows
 from mlcalc.nn.init import init_skipped
 from mlcalc.nn.scatter import gather
+from mlcalc.precision import bfloat16_products
 
 #: a chunk function's result: one tensor or a tuple of tensors, each with the chunk's rows first
 ChunkResult = Tensor | tuple[Tensor, ...]
@@ -274,6 +275,13 @@ class Aggregation:
     #: is already mapped instead of zero-filling fresh pages and scattering
     _pad_index: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
     _workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _bfloat16: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def bfloat16_of(self, x: Tensor) -> Tensor:
+        """``x.to(torch.bfloat16)``, kept while x is the last tensor asked for (the basis every block multiplies)."""
+        if self._bfloat16 is None or self._bfloat16[0] is not x:
+            self._bfloat16 = (x, x.to(torch.bfloat16))
+        return self._bfloat16[1]
 
     def chunk_list(self) -> list[Chunk]:
         """The planned chunks, or one chunk of everything."""
@@ -512,15 +520,20 @@ class EfficientInteractionBilinear(nn.Module):
         def sph_m(m: Tensor, sph: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
             """sum_k sph[e, :, k] m[k] of the output edges [edge_start, edge_stop) with their rows of sph:
             (E_chunk, num_spherical, emb_in)."""
+            # "medium" on a bfloat16 CPU: this product in bfloat16 as well (float32 accumulation and result)
+            bf16 = m.dtype == torch.float32 and sph.device.type == "cpu" and bfloat16_products()
             if not needs_grad(m):  # one gather into a buffer reused by every block (consumed at once)
-                if index is None:
-                    m_padded = agg.pad_gather(m[rows], edge_start, edge_stop, rows, reuse=True)
-                else:
-                    m_padded = agg.pad_gather(m, edge_start, edge_stop, rows, index=index, reuse=True)
-                return torch.matmul(sph, m_padded)
-            m_rows = m[rows] if index is None else gather(m, index[rows])
-            m_padded = agg.pad_rows(m_rows, edge_start, edge_stop, rows)  # (E_chunk, kmax, emb_in)
-            return torch.matmul(sph, m_padded)
+                src = m[rows] if index is None else m
+                if bf16:
+                    src, sph = src.to(torch.bfloat16), agg.bfloat16_of(sph)
+                m_padded = agg.pad_gather(src, edge_start, edge_stop, rows, index=index, reuse=True)
+            else:
+                m_rows = m[rows] if index is None else gather(m, index[rows])
+                m_padded = agg.pad_rows(m_rows, edge_start, edge_stop, rows)  # (E_chunk, kmax, emb_in)
+                if bf16:
+                    m_padded, sph = m_padded.to(torch.bfloat16), sph.to(torch.bfloat16)
+            out = torch.matmul(sph, m_padded)
+            return out.to(torch.float32) if bf16 else out
 
         def atom_product(rad_w1: Tensor, sph_m_padded: Tensor) -> Tensor:
             """rad_W1 (N_chunk, interm, kmax2 * num_spherical) and the padded (N_chunk, kmax2, num_spherical,
