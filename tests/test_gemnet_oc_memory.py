@@ -118,6 +118,32 @@ def test_checkpointing_is_off_in_training_and_without_autograd(slab_graphs):
     assert not model.chunking().checkpoint and model.chunking().rows == 1000
 
 
+def test_checkpointing_only_when_the_call_spans_chunks(slab_graphs, monkeypatch):
+    """A call that fits in one chunk keeps its activations (recomputing them would only cost time); a call of
+    several chunks is checkpointed."""
+    from mlcalc.nn import chunking as chunking_module
+
+    model, graph, _ = slab_graphs[False]
+    entered = []
+    original = chunking_module._torch_checkpoint
+
+    def counting(*args, **kwargs):
+        entered.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chunking_module, "_torch_checkpoint", counting)
+    model.activation_checkpointing = True
+    for chunk, spans in [(None, False), (100_000, False), (SMALL_CHUNK, True)]:
+        model.chunk_size = chunk
+        with torch.no_grad():
+            idx = model.build_indices(graph)
+        assert model.spans_chunks(idx) is spans
+        assert model.chunking(idx).checkpoint is spans
+        entered.clear()
+        evaluate_model(model, graph)
+        assert bool(entered) is spans
+
+
 def test_parameter_gradients_of_force_loss_unchanged_by_chunking(slab_graphs):
     """Training differentiates the forces (create_graph): chunked, eval-mode checkpointed and plain agree."""
     model, graph, _ = slab_graphs[False]

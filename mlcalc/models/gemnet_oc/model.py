@@ -98,8 +98,10 @@ class GemNetOC(MLModel):
       Only one chunk's intermediates exist at a time, so the transient memory of a call is bounded by about
       chunk_size x emb_size_edge values per live tensor instead of growing with the structure.
     - ``activation_checkpointing`` (default True; fairchem v2's name): while autograd records in eval mode
-      (gradient forces and stress), autograd keeps only the inputs of each block (edge embedding + first blocks,
-      each interaction and output block), of each chunk and of each residual layer of the edge update, and
+      (gradient forces and stress) and the call spans more than one chunk (``spans_chunks``; smaller calls keep
+      their few activations and run at full speed), autograd keeps only the inputs of each block (edge
+      embedding + first blocks, each interaction and output block), of each chunk and of each residual layer of
+      the edge update, and
       recomputes the rest in the backward (``mlcalc.nn.chunking.checkpoint``): the memory of a call grows with
       about seven edge tensors (E, emb_size_edge) plus one chunk, instead of ~100 edge tensors. Costs about two
       more forwards per call. Off in training mode (``self.training``: the memory/speed trade-off of training is
@@ -380,13 +382,40 @@ class GemNetOC(MLModel):
             ix.plan_chunks(layouts, nested)
         return idx
 
-    def chunking(self) -> Chunking:
+    def chunking(self, idx: GemNetIndices | None = None) -> Chunking:
         """How this call runs (see the class docstring): ``chunk_size`` rows per chunk and, while autograd records
-        in eval mode, activation checkpointing; everything at once under ``torch.compile``."""
+        in eval mode, activation checkpointing; everything at once under ``torch.compile``. Given the call's
+        indices ``idx``, checkpointing is kept only if the call spans more than one chunk (``spans_chunks``)."""
         if torch.compiler.is_compiling():
             return PLAIN
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and not self.training
+        if recompute and idx is not None:
+            recompute = self.spans_chunks(idx)
         return Chunking(self.chunk_size, recompute)
+
+    def spans_chunks(self, idx: GemNetIndices) -> bool:
+        """Whether any row-wise or padded computation of the call with indices ``idx`` takes more than one chunk
+        of ``chunk_size`` rows. A call that fits in one chunk keeps its activations for the backward: they are
+        small, and recomputing them would cost about two more forwards (2.5x the time of a 37-atom call of the
+        shipped checkpoint)."""
+        rows = self.chunk_size
+        if rows is None:
+            return False
+        counts = [idx.main.num, idx.trip_e2e.out.numel()]
+        aggs = [idx.trip_e2e.agg]
+        if idx.a2a is not None:
+            counts.append(idx.a2a.num)
+        if idx.a2ee2a is not None:
+            counts.append(idx.a2ee2a.num)
+        for name in ("quad", "trip_a2e", "trip_e2a"):
+            part = getattr(idx, name, None)
+            if part is not None:
+                counts.append(part.out.numel())
+                aggs.append(part.agg)
+        for name in ("a2ee2a_agg", "a2a_agg"):
+            if getattr(idx, name, None) is not None:
+                aggs.append(getattr(idx, name))
+        return max(counts) > rows or any(len(agg.chunk_list()) > 1 for agg in aggs)
 
     def get_bases(self, idx: GemNetIndices, chunking: Chunking | None = None) -> dict[str, Any]:
         """Raw bases of all graphs and their shared down-projections. Per-edge bases are computed in chunks
@@ -498,8 +527,8 @@ class GemNetOC(MLModel):
         z = graph.numbers.long()
         if z.numel() and not bool(((z >= 1) & (z <= self.max_elements)).all()):
             raise ValueError(f"GemNet-OC accepts atomic numbers 1..{self.max_elements}, got {sorted(set(z.tolist()))}")
-        ck = self.chunking()
         idx = self.build_indices(graph)
+        ck = self.chunking(idx)
         bases = self.get_bases(idx, ck)
         main = idx.main
 
