@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 #: activation checkpointing starts above this many runs (~265 Cu atoms at the default chunk_size): below it, keeping
 #: the activations costs at most ~2 GB and saves the ~35 % of time the recomputation takes
 CHECKPOINT_MIN_RUNS = 4
+
+#: ``SphereNet.estimate_memory``: resident bytes of an energy + forces call = base + bytes per triplet
+ESTIMATE_BASE_BYTES = 1024**3
+ESTIMATE_BYTES_PER_TRIPLET = 800
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swish": F.silu, "silu": F.silu}
 
@@ -154,7 +159,7 @@ class SphereNet(MLModel):
         #: triplets evaluated at once (whole edges per run; edges per run at most chunk_size // 4); None = all
         self.chunk_size: int | None = 65536
         #: recompute each run in the backward pass instead of keeping its activations (inference, more than
-        #: CHECKPOINT_MIN_RUNS runs); costs ~35 % more time per energy + forces call
+        #: CHECKPOINT_MIN_RUNS runs); each layer then rebuilds the triplet bases of each run from their directions
         self.activation_checkpointing = True
 
         self.init_e = InitBlock(num_radial, hidden_channels, act_fn, use_node_features)
@@ -213,26 +218,31 @@ class SphereNet(MLModel):
         return {"rbf": rbf, "sbf": sbf, "tbf": tbf, "idx_kj": idx_kj, "idx_ji": idx_ji, "reference": ref}
 
     def estimate_memory(self, graph: AtomGraph) -> int:
-        """Peak bytes of an energy + forces call (float32, resident memory): 0.9 GiB + 1,300 B per triplet, fitted
-        to ``benchmarks/memory.py`` on rattled fcc Cu with DIG's default sizes (1,008 / 2,048 / 5,324 atoms, 1.0 /
-        2.0 / 5.3 million triplets: 2.2 / 2.9 / 6.9 GiB measured, the fit is at or above each)."""
+        """Peak bytes of an energy + forces call (float32, resident memory): ``ESTIMATE_BASE_BYTES`` (1.0 GiB) +
+        ``ESTIMATE_BYTES_PER_TRIPLET`` (800 B) per triplet, fitted to ``benchmarks/memory.py`` on rattled fcc Cu
+        with DIG's default sizes (1,008 / 5,324 atoms, 1.0 / 5.3 million triplets: 1.71 / 4.83 GiB measured, the
+        fit 1.75 / 4.94 GiB)."""
         if graph.num_edges == 0:
             return 0
         src, dst = graph.edge_index[0], graph.edge_index[1]
         degree = torch.bincount(dst, minlength=graph.num_atoms)
         triplets = int(degree[src].sum()) - graph.num_edges  # the reverse edge of each edge is no triplet
-        return int(0.9 * 1024**3 + 1300 * max(triplets, 0))
+        return int(ESTIMATE_BASE_BYTES + ESTIMATE_BYTES_PER_TRIPLET * max(triplets, 0))
 
     def forward(self, graph: AtomGraph) -> dict[str, Tensor]:
         """Energy per structure (B,), in the dtype of ``graph.pos``.
 
         Evaluated in runs of whole edges (all triplets into an edge j->i together) of at most ``chunk_size``
-        triplets: the torsion references, triplet bases and messages of one run at a time, with the bases
-        projected at once by every layer's ``lin_sbf1`` / ``lin_t1`` (T x 8 numbers per layer are kept instead of
-        the T x L*L*R torsion basis). With more than ``CHECKPOINT_MIN_RUNS`` runs and gradients recorded outside
-        training, each run's work is checkpointed (recomputed in the backward pass) when ``activation_checkpointing``
-        is on, so the memory of an energy + forces call grows linearly with the triplets (``mlcalc.nn.chunking``).
-        The sums are the same as ``geometry`` + ``UpdateE.forward`` on all edges at once, up to float rounding.
+        triplets: the torsion references, triplet bases and messages of one run at a time. With more than
+        ``CHECKPOINT_MIN_RUNS`` runs and gradients recorded outside training, each run's work is checkpointed
+        (recomputed in the backward pass) when ``activation_checkpointing`` is on, so the memory of an energy +
+        forces call grows linearly with the triplets (``mlcalc.nn.chunking``): a triplet then keeps only its indices,
+        torsion reference and direction (3 numbers and their gradient), and each layer rebuilds the angle and torsion
+        bases of a run from the directions (``_layer_update``; keeping the bases projected for all layers instead
+        cost 0.5 kB per triplet with their gradient, 2.7 GB at 5,324 Cu atoms). Without checkpointing the bases are
+        built once per run and projected at once by every layer's ``lin_sbf1`` / ``lin_t1`` (T x 8 numbers per
+        layer are kept instead of the T x L*L*R torsion basis). The sums are the same as ``geometry`` +
+        ``UpdateE.forward`` on all edges at once, up to float rounding.
         """
         self._check(graph)
         vec = graph.edge_vectors()
@@ -244,7 +254,9 @@ class SphereNet(MLModel):
         runs = group_chunks(idx_ji, num_edges, limit, None if limit is None else max(1, limit // 4))
         ckpt = self.activation_checkpointing and not self.training and len(runs) > CHECKPOINT_MIN_RUNS
 
-        # per run: triplet indices local to the run, torsion references, bases projected for all layers
+        # per run: triplet indices local to the run, and either the bases projected for all layers (kept with
+        # their gradient: T x 64 numbers and as many gradients at the defaults) or, checkpointed, only the triplet
+        # directions (T x 3), from which each layer's checkpointed update rebuilds the bases of the run
         kj_runs, ji_runs, proj_runs = [], [], []
         # (E, L, R), recomputed run by run in the backward pass (it keeps ~20 such tensors for its gradient)
         radial = torch.cat([checkpoint(self.emb.spherical.radial, d, enabled=ckpt) for d in split_rows(dist, runs)])
@@ -254,7 +266,10 @@ class SphereNet(MLModel):
             if self.use_torsion:
                 ref = torsion_reference(vec.detach(), kj, ji)
                 classes = half_plane_classes(vec.detach(), kj, ji)
-            proj_runs.append(checkpoint(self._projected_bases, vec, dist, radial, kj, ji, ref, classes, enabled=ckpt))
+            if ckpt:
+                proj_runs.append(checkpoint(self._directions, vec, dist, kj, ji, ref, classes, enabled=True))
+            else:
+                proj_runs.append(self._projected_bases(vec, dist, radial, kj, ji, ref, classes))
             kj_runs.append(kj)
             ji_runs.append(ji - run.g0)
 
@@ -277,10 +292,17 @@ class SphereNet(MLModel):
             )
             s_cols = slice(layer * n_a, (layer + 1) * n_a)
             t_cols = slice(self.num_layers * n_a + layer * n_t, self.num_layers * n_a + (layer + 1) * n_t)
-            out = [
-                checkpoint(update_e.edge_update, x_kj, p[:, s_cols], p[:, t_cols], kj, ji, x, r, enabled=ckpt)
-                for p, kj, ji, x, r in zip(proj_runs, kj_runs, ji_runs, x1_runs, rbf_runs, strict=True)
-            ]
+            if ckpt:
+                update = partial(self._layer_update, update_e)
+                out = [
+                    checkpoint(update, x_kj, d, radial, kj, ji, x, r, enabled=True)
+                    for d, kj, ji, x, r in zip(proj_runs, kj_runs, ji_runs, x1_runs, rbf_runs, strict=True)
+                ]
+            else:
+                out = [
+                    update_e.edge_update(x_kj, p[:, s_cols], p[:, t_cols], kj, ji, x, r)
+                    for p, kj, ji, x, r in zip(proj_runs, kj_runs, ji_runs, x1_runs, rbf_runs, strict=True)
+                ]
             e1 = torch.cat([x for x, _ in out])
             v = v + update_v((e1, torch.cat([x for _, x in out])), i, num_atoms)
             del out, x_kj
@@ -307,8 +329,34 @@ class SphereNet(MLModel):
         basis = self.emb.spherical
         z, x, y = triplet_directions(vec, dist, idx_kj, idx_ji, ref, classes)
         radial_kj = gather(radial, idx_kj)
-        sbf = basis.angle(radial_kj, z)
-        tbf = basis.torsion(radial_kj, x, y, z) if ref is not None else basis.torsion_averaged(radial_kj, z)
         w_s = torch.cat([u.lin_sbf1.weight for u in self.update_es])
         w_t = torch.cat([u.lin_t1.weight for u in self.update_es])
-        return torch.cat([sbf @ w_s.T, tbf @ w_t.T], dim=1)
+        return torch.cat(basis.projected(radial_kj, x, y, z, w_s, w_t), dim=1)
+
+    def _directions(
+        self, vec: Tensor, dist: Tensor, idx_kj: Tensor, idx_ji: Tensor, ref: Tensor | None, classes: Any
+    ) -> Tensor:
+        """Direction of k in the frame of each triplet (``triplet_directions``): (T', 3) columns z, x, y, or (T', 1)
+        z alone without torsion."""
+        z, x, y = triplet_directions(vec, dist, idx_kj, idx_ji, ref, classes)
+        return z.unsqueeze(1) if x is None else torch.stack([z, x, y], dim=1)
+
+    def _layer_update(
+        self,
+        update_e: UpdateE,
+        x_kj: Tensor,
+        directions: Tensor,
+        radial: Tensor,
+        idx_kj: Tensor,
+        idx_ji: Tensor,
+        x1: Tensor,
+        rbf: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """``update_e.edge_update`` of a run of edges with the run's bases rebuilt from the triplet ``directions``
+        (``_directions``) and ``radial`` (E, L, R) of all edges; idx_kj global, idx_ji local to the run."""
+        basis = self.emb.spherical
+        radial_kj = gather(radial, idx_kj)
+        z = directions[:, 0]
+        x, y = (directions[:, 1], directions[:, 2]) if directions.shape[1] == 3 else (None, None)
+        sbf1, t1 = basis.projected(radial_kj, x, y, z, update_e.lin_sbf1.weight, update_e.lin_t1.weight)
+        return update_e.edge_update(x_kj, sbf1, t1, idx_kj, idx_ji, x1, rbf)
