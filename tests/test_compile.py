@@ -35,3 +35,42 @@ def test_compiled_equals_eager_across_sizes_without_recompiling() -> None:
     assert 1 <= frames <= 2, f"{frames} graphs compiled for 4 sizes: sizes must be dynamic (measured: 1)"
     clone = pickle.loads(pickle.dumps(compiled))  # compiled code is not pickled; rebuilt on use
     assert clone._compiled_forward is None and clone.compile
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_gemnet_oc_compiled_equals_eager_without_recompiling() -> None:
+    """GemNet-OC with quadruplets (a tagged slab), direct forces, float32: the compiled forward equals eager within
+    float32 rounding, and later calls (new positions, a larger slab) compile nothing new."""
+    import torch
+    import torch._dynamo
+    from ase.build import add_adsorbate, fcc111
+    from test_gemnet_oc_memory import slab, small_model
+
+    from mlcalc import MLCalculator
+
+    def larger_slab():
+        atoms = fcc111("Cu", size=(3, 2, 3), vacuum=6.0, a=3.61)
+        add_adsorbate(atoms, "O", 1.2, "fcc")
+        tags = np.zeros(len(atoms), dtype=int)
+        tags[12:] = 1
+        tags[-1] = 2
+        atoms.set_tags(tags)
+        atoms.rattle(0.05, seed=3)
+        return atoms
+
+    model = small_model(direct=True).float()
+    eager = MLCalculator(model, device="cpu")
+    compiled = MLCalculator(model, device="cpu", compile=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    structures = [slab(), slab(), larger_slab()]
+    structures[1].rattle(0.05, seed=7)
+    graphs = []
+    for atoms in structures:
+        a, b = eager.predict([atoms])[0], compiled.predict([atoms])[0]
+        scale = np.abs(a["forces"]).max()
+        assert a["energy"] == pytest.approx(b["energy"], rel=1e-4, abs=1e-4)
+        assert np.abs(a["forces"] - b["forces"]).max() < 1e-4 * scale
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1
+    assert graphs[-1] == graphs[0], f"graphs compiled after each call: {graphs} (later calls must reuse them)"

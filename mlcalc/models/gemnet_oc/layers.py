@@ -343,18 +343,19 @@ class Aggregation:
         ``reuse``: the result is written into a buffer kept for the call and overwritten by the next ``reuse``
         gather of the same size, so the caller must be done with it by then (a padded operand consumed at once).
         """
-        key = (slot_start, slot_stop, None if index is None else id(index), src.shape[0])
-        positions = None if torch.compiler.is_compiling() else self._pad_index.get(key)
+        compiling = torch.compiler.is_compiling()  # traced code keeps no cache (no guards on object ids)
+        key = None if compiling else (slot_start, slot_stop, None if index is None else id(index), src.shape[0])
+        positions = None if key is None else self._pad_index.get(key)
         if positions is None:
             n_slots = slot_stop - slot_start
             source = torch.arange(src.shape[0], device=src.device) if index is None else index[rows]
             positions = torch.full((n_slots * self.kmax,), src.shape[0], dtype=torch.long, device=src.device)
             positions[(self.outer[rows] - slot_start) * self.kmax + self.inner[rows]] = source
-            if not torch.compiler.is_compiling():
+            if key is not None:
                 self._pad_index[key] = positions
         src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))])  # row src.shape[0] is the zero row
         shape = (slot_stop - slot_start, self.kmax, *src.shape[1:])
-        if not reuse or torch.compiler.is_compiling():
+        if not reuse or compiling:
             return gather(src_ext, positions).view(shape)
         buf_key = (positions.shape[0], *src.shape[1:], src.dtype, src.device)
         buffer = self._workspace.get(buf_key)
