@@ -261,6 +261,18 @@ class SphericalBasisLayer(nn.Module):
         outer = basis(cos_angle)[:, :, None] * basis(torch.cos(dihedral))[:, None, :]
         return outer.reshape(cos_angle.shape[0], n * n)
 
+    def angular_factors(self, cos_angle: Tensor, dihedral: Tensor) -> tuple[Tensor, Tensor] | None:
+        """For the outer-product bases (legendre_outer, gaussian_outer): the two factors (Q, num_spherical) whose
+        outer product per row is ``angular`` (times the scale factor, applied to the first); None otherwise."""
+        if self.sbf_name == "spherical_harmonics":
+            return None
+        n = self.num_spherical
+        if self.sbf_name == "legendre_outer":
+            first, second = zonal_harmonics(cos_angle, n), zonal_harmonics(torch.cos(dihedral), n)
+        else:
+            first, second = self.circular_basis(cos_angle), self.circular_basis(torch.cos(dihedral))
+        return (self.scale_sbf(first) if self.scale_basis else first), second
+
     def forward(self, d: Tensor, cos_angle: Tensor, dihedral: Tensor) -> tuple[Tensor, Tensor]:
         sph = self.angular(cos_angle, dihedral)
         if self.scale_basis:

@@ -451,11 +451,21 @@ class GemNetOC(MLModel):
             cross_ca = gather(torch.cross(v_ca, v_ba, dim=-1), quad.trip_out_to_quad)
             dihedral = _angle(cross_ca, cross_db)  # c -> a - b <- d (half angle, parity ignored)
             rad_cir_q, cir_q = self.cbf_basis_qint(qint.dist, cos_abd)
-            rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, gather(cos_cab_q, quad.trip_out_to_quad), dihedral)
+            cos_cab_q = gather(cos_cab_q, quad.trip_out_to_quad)
+            factors = None if needs_grad(dihedral) else self.sbf_basis_qint.angular_factors(cos_cab_q, dihedral)
+            if factors is None:
+                rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, cos_cab_q, dihedral)
+                sph = self.mlp_sbf_qint(rad_sph_q, sph_q, sph_agg=quad.agg)
+            else:  # the outer product built in the padded layout: no (Q, n^2) tensor, one pass over the padding
+                rows = slice(0, quad.out.shape[0])
+                first, second = (quad.agg.pad_gather(f, 0, quad.agg.size, rows) for f in factors)  # (E, kmax, n)
+                outer = (first[:, :, :, None] * second[:, :, None, :]).flatten(2)  # (E, kmax, n^2)
+                rad_sph_q = self.sbf_basis_qint.radial_basis(main.dist)
+                sph = (self.mlp_sbf_qint.project(rad_sph_q), torch.transpose(outer, 1, 2))
             bases["qint"] = {
                 "rad": rad["qint"],
                 "cir": self.mlp_cbf_qint(rad_cir_q, cir_q, sph_outer=quad.triplet_in.out),
-                "sph": self.mlp_sbf_qint(rad_sph_q, sph_q, sph_agg=quad.agg),
+                "sph": sph,
             }
         if self.use_a2e:
             a2ee2a, trip = idx.a2ee2a, idx.trip_a2e
