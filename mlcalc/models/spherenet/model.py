@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -35,6 +35,50 @@ ESTIMATE_BASE_BYTES = 1024**3
 ESTIMATE_BYTES_PER_TRIPLET = 800
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swish": F.silu, "silu": F.silu}
+
+
+class _WriteRows(torch.autograd.Function):
+    """``buffer[start:stop] = part`` in place, for buffers filled by disjoint row ranges (as GemNet-OC's). The
+    backward hands the incoming gradient on to the earlier writes unchanged and gives part its rows (a view)."""
+
+    @staticmethod
+    def forward(ctx, buffer: Tensor, part: Tensor, start: int, stop: int) -> Tensor:
+        buffer[start:stop] = part
+        ctx.mark_dirty(buffer)
+        ctx.rows = (start, stop)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        start, stop = ctx.rows
+        return grad, grad[start:stop], None, None
+
+
+def _assemble(parts: Iterable[Any], bounds: list[tuple[int, int]], size: int) -> Any:
+    """The outputs of runs (one tensor or a tuple each, ``bounds[r]`` = their rows [start, stop)) as tensors of
+    ``size`` rows, equal to their ``torch.cat``.
+
+    Each run's outputs are copied into buffers allocated at the first run, so none of them outlives its run: a
+    list of run outputs kept for a cat interleaves small long-lived blocks with the runs' temporaries, and glibc's
+    heap then grows by ~10 MB per layer and run (freed, never returned). ``parts`` should be a generator, so that
+    each run's outputs are freed before the next run is computed. One run: its outputs as they are.
+    """
+    if len(bounds) == 1:
+        return next(iter(parts))
+    outs: list[Tensor] = []
+    single = True
+    for (start, stop), result in zip(bounds, parts, strict=True):
+        single = isinstance(result, Tensor)
+        pieces = (result,) if single else tuple(result)
+        if not outs:
+            outs = [p.new_empty((size, *p.shape[1:])) for p in pieces]
+        for k, piece in enumerate(pieces):
+            if torch.is_grad_enabled() and (piece.requires_grad or outs[k].requires_grad):
+                outs[k] = _WriteRows.apply(outs[k], piece, start, stop)
+            else:
+                outs[k][start:stop] = piece
+        del result, pieces
+    return outs[0] if single else tuple(outs)
 
 
 class Embeddings(nn.Module):
@@ -220,7 +264,7 @@ class SphereNet(MLModel):
     def estimate_memory(self, graph: AtomGraph) -> int:
         """Peak bytes of an energy + forces call (float32, resident memory): ``ESTIMATE_BASE_BYTES`` (1.0 GiB) +
         ``ESTIMATE_BYTES_PER_TRIPLET`` (800 B) per triplet, fitted to ``benchmarks/memory.py`` on rattled fcc Cu
-        with DIG's default sizes (1,008 / 5,324 atoms, 1.0 / 5.3 million triplets: 1.71 / 4.83 GiB measured, the
+        with DIG's default sizes (1,008 / 5,324 atoms, 1.0 / 5.3 million triplets: 1.70 / 4.69 GiB measured, the
         fit 1.75 / 4.94 GiB)."""
         if graph.num_edges == 0:
             return 0
@@ -259,7 +303,12 @@ class SphereNet(MLModel):
         # directions (T x 3), from which each layer's checkpointed update rebuilds the bases of the run
         kj_runs, ji_runs, proj_runs = [], [], []
         # (E, L, R), recomputed run by run in the backward pass (it keeps ~20 such tensors for its gradient)
-        radial = torch.cat([checkpoint(self.emb.spherical.radial, d, enabled=ckpt) for d in split_rows(dist, runs)])
+        edge_rows = [(run.g0, run.g1) for run in runs]
+        radial = _assemble(
+            (checkpoint(self.emb.spherical.radial, d, enabled=ckpt) for d in split_rows(dist, runs)),
+            edge_rows,
+            num_edges,
+        )
         for run in runs if self.num_layers else []:
             kj, ji = idx_kj[run.r0 : run.r1], idx_ji[run.r0 : run.r1]
             ref = classes = None
@@ -277,35 +326,40 @@ class SphereNet(MLModel):
         rbf_runs = split_rows(rbf, runs)
         i_runs, j_runs = split_rows(i, runs), split_rows(j, runs)
         numbers = graph.numbers
-        init = [
-            checkpoint(self.init_e, numbers, r, a, b, enabled=ckpt)
-            for r, a, b in zip(rbf_runs, i_runs, j_runs, strict=True)
-        ]
-        e1 = torch.cat([x for x, _ in init])
-        v = self.init_v((e1, torch.cat([x for _, x in init])), i, num_atoms)
-        del init
+        e1, e2 = _assemble(
+            (
+                checkpoint(self.init_e, numbers, r, a, b, enabled=ckpt)
+                for r, a, b in zip(rbf_runs, i_runs, j_runs, strict=True)
+            ),
+            edge_rows,
+            num_edges,
+        )
+        v = self.init_v((e1, e2), i, num_atoms)
+        del e2
         n_a, n_t = self.basis_emb_size_angle, self.basis_emb_size_torsion
         for layer, (update_e, update_v) in enumerate(zip(self.update_es, self.update_vs, strict=True)):
             x1_runs = split_rows(e1, runs)
-            x_kj = torch.cat(
-                [checkpoint(update_e.down, x, r, enabled=ckpt) for x, r in zip(x1_runs, rbf_runs, strict=True)]
+            x_kj = _assemble(
+                (checkpoint(update_e.down, x, r, enabled=ckpt) for x, r in zip(x1_runs, rbf_runs, strict=True)),
+                edge_rows,
+                num_edges,
             )
             s_cols = slice(layer * n_a, (layer + 1) * n_a)
             t_cols = slice(self.num_layers * n_a + layer * n_t, self.num_layers * n_a + (layer + 1) * n_t)
             if ckpt:
                 update = partial(self._layer_update, update_e)
-                out = [
+                out = (
                     checkpoint(update, x_kj, d, radial, kj, ji, x, r, enabled=True)
                     for d, kj, ji, x, r in zip(proj_runs, kj_runs, ji_runs, x1_runs, rbf_runs, strict=True)
-                ]
+                )
             else:
-                out = [
+                out = (
                     update_e.edge_update(x_kj, p[:, s_cols], p[:, t_cols], kj, ji, x, r)
                     for p, kj, ji, x, r in zip(proj_runs, kj_runs, ji_runs, x1_runs, rbf_runs, strict=True)
-                ]
-            e1 = torch.cat([x for x, _ in out])
-            v = v + update_v((e1, torch.cat([x for _, x in out])), i, num_atoms)
-            del out, x_kj
+                )
+            e1, e2 = _assemble(out, edge_rows, num_edges)
+            v = v + update_v((e1, e2), i, num_atoms)
+            del out, x_kj, e2, x1_runs
         energy = scatter_sum(v[:, 0], graph.batch, num_graphs)
         return {"energy": energy.to(graph.pos.dtype)}
 
