@@ -89,3 +89,20 @@ def test_checkpointed_memory_per_triplet():
         peaks.append((num_triplets, p.peak))
     (t0, p0), (t1, p1) = peaks
     assert (p1 - p0) / (t1 - t0) < 300, peaks
+
+
+def test_chunked_calls_return_the_freed_heap_between_layers(monkeypatch):
+    """A checkpointed (many-run) call hands the heap its runs fragmented back to the OS after every layer
+    (``mlcalc.memory.release_free_heap``); a one-run call does not pay for it."""
+    import mlcalc.models.spherenet.model as spherenet_model
+    from mlcalc.memory import release_free_heap
+
+    release_free_heap()  # callable on any platform (a no-op without glibc)
+    calls = []
+    monkeypatch.setattr(spherenet_model, "release_free_heap", lambda: calls.append(1))
+    m = model()
+    results(m, copper(2), 500, True)
+    assert len(calls) == m.num_layers
+    calls.clear()
+    results(m, copper(2), None, True)
+    assert calls == []

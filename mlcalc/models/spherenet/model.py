@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlcalc.graph import AtomGraph
+from mlcalc.memory import release_free_heap
 from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.spherenet.bases import DistanceBasis, SphericalBasis
 from mlcalc.models.spherenet.blocks import NUM_EMBEDDINGS, InitBlock, UpdateE, UpdateV
@@ -360,6 +361,8 @@ class SphereNet(MLModel):
             e1, e2 = _assemble(out, edge_rows, num_edges)
             v = v + update_v((e1, e2), i, num_atoms)
             del out, x_kj, e2, x1_runs
+            if ckpt:  # a chunked call: return the heap its runs fragmented (resident memory, not results)
+                release_free_heap()
         energy = scatter_sum(v[:, 0], graph.batch, num_graphs)
         return {"energy": energy.to(graph.pos.dtype)}
 
