@@ -213,3 +213,21 @@ def test_checkpointing_lowers_the_peak_of_a_gradient_call(bulk_graph):
         assert torch.isfinite(out["forces"]).all()
         peak[checkpointing] = mode.peak
     assert peak[True] * 3 < peak[False], peak
+
+
+def test_chunked_calls_return_the_freed_heap_between_blocks(slab_graphs, monkeypatch):
+    """A call of many chunks hands its fragmented heap back after every block, forward and backward
+    (``mlcalc.memory.release_free_heap``); a one-chunk call does not pay for it."""
+    import mlcalc.models.gemnet_oc.model as gemnet_model
+
+    calls = []
+    monkeypatch.setattr(gemnet_model, "release_free_heap", lambda: calls.append(1))
+    model, graph, _ = slab_graphs[False]
+    model.activation_checkpointing = True
+    model.chunk_size = SMALL_CHUNK
+    evaluate_model(model, graph)  # gradient forces: forward and backward
+    assert len(calls) == 2 * model.num_blocks
+    calls.clear()
+    model.chunk_size = None
+    evaluate_model(model, graph)
+    assert calls == []

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mlcalc.graph import AtomGraph
+from mlcalc.memory import release_free_heap
 from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.gemnet_oc import indices as ix
 from mlcalc.models.gemnet_oc.bases import CircularBasisLayer, RadialBasis, SphericalBasisLayer
@@ -77,6 +78,20 @@ def _isclose(a: float, b: float) -> bool:
 
 #: default ``GemNetOC.chunk_size``: 32768 rows, i.e. 64 MiB per (rows, 512) float32 edge tensor
 DEFAULT_CHUNK_SIZE = 2**15
+
+
+class _ReleaseHeap(torch.autograd.Function):
+    """Identity that calls ``mlcalc.memory.release_free_heap`` when it runs and when its gradient does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        release_free_heap()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        release_free_heap()
+        return grad
 
 
 @register_model("gemnet_oc", "GemNetOC", "gemnet_oc_s2ef")
@@ -556,12 +571,17 @@ class GemNetOC(MLModel):
             x_e, x_f = self.out_blocks[0](h, m, bases["output"], main.dst, ck, weights[0])
             return x_e, x_f, *self.int_blocks[0](h, m, bases, idx, ck)
 
+        # a call of many chunks hands the heap its chunks fragmented back after every block, in the forward and
+        # (through the block outputs' gradients) in the backward: resident memory, not results
+        trim = not torch.compiler.is_compiling() and self.spans_chunks(idx)
         # under activation checkpointing only the blocks' inputs are kept for the backward
         x_e, f_sum, h, m = checkpoint(first_block, self.atom_emb(z), bases["rad_main"], enabled=ck.checkpoint)
         xs_e = [x_e]
         for i, out_block in enumerate(self.out_blocks[1:]):
             if i > 0:
                 h, m = checkpoint(self.int_blocks[i], h, m, bases, idx, ck, enabled=ck.checkpoint)
+            if trim:
+                m = _ReleaseHeap.apply(m)
             x_e, x_f = checkpoint(out_block, h, m, bases["output"], main.dst, ck, weights[i + 1], enabled=ck.checkpoint)
             xs_e.append(x_e)
             if self.direct_forces:
