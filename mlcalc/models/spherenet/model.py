@@ -33,7 +33,7 @@ CHECKPOINT_MIN_RUNS = 4
 
 #: ``SphereNet.estimate_memory``: resident bytes of an energy + forces call = base + bytes per triplet
 ESTIMATE_BASE_BYTES = 1024**3
-ESTIMATE_BYTES_PER_TRIPLET = 800
+ESTIMATE_BYTES_PER_TRIPLET = 520
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swish": F.silu, "silu": F.silu}
 
@@ -264,9 +264,10 @@ class SphereNet(MLModel):
 
     def estimate_memory(self, graph: AtomGraph) -> int:
         """Peak bytes of an energy + forces call (float32, resident memory): ``ESTIMATE_BASE_BYTES`` (1.0 GiB) +
-        ``ESTIMATE_BYTES_PER_TRIPLET`` (800 B) per triplet, fitted to ``benchmarks/memory.py`` on rattled fcc Cu
-        with DIG's default sizes (1,008 / 5,324 atoms, 1.0 / 5.3 million triplets: 1.70 / 4.69 GiB measured, the
-        fit 1.75 / 4.94 GiB)."""
+        ``ESTIMATE_BYTES_PER_TRIPLET`` (520 B) per triplet, fitted to ``benchmarks/memory.py`` on rattled fcc Cu
+        with DIG's default sizes (1,008 / 5,324 atoms, 1.0 / 5.3 million triplets: 1.43 / 3.31 GiB measured on
+        Linux with glibc, the fit 1.49 / 3.56 GiB). Without glibc's ``malloc_trim`` (``release_free_heap``) the
+        resident memory of a large call is ~40 % higher than this."""
         if graph.num_edges == 0:
             return 0
         src, dst = graph.edge_index[0], graph.edge_index[1]
