@@ -388,13 +388,10 @@ class TripletBasis:
     out: Tensor
     in_: Tensor
     agg: Aggregation
-    #: row chunks of the radial basis: a padded chunk can hold many more edges than ``chunking.rows``, and the
-    #: raw basis (num_radial values per edge, with its autograd intermediates) must not exist for all of them
-    chunking: Chunking = PLAIN
 
     def rad_w1(self, dist: Tensor) -> Tensor:
         """(E_chunk,) distances -> projected radial basis (E_chunk, emb_size_interm, num_spherical)."""
-        return map_rows(lambda d: self.emb.project(self.layer.radial_basis(d)), [dist], (), self.chunking)
+        return self.emb.project(self.layer.radial_basis(dist))
 
     def sph(self, v_out: Tensor, v_in: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
         """Angular basis of the triplet rows ``rows`` of the output edges [edge_start, edge_stop), padded per
@@ -420,13 +417,11 @@ class NeighborBasis:
     emb: BasisEmbedding
     dist: Tensor
     agg: Aggregation
-    #: row chunks of the raw radial basis (see ``TripletBasis.chunking``)
-    chunking: Chunking = PLAIN
 
     def atoms(self, dist: Tensor, atom_start: int, atom_stop: int, rows: slice | Tensor) -> Tensor:
         """(N_chunk, emb_size_interm, kmax) for atoms [atom_start, atom_stop) with edge rows ``rows`` (their
         distances ``dist[rows]`` given as dist)."""
-        rad = map_rows(lambda d: self.emb.project(self.radial_basis(d)), [dist], (), self.chunking)  # (E_chunk, interm)
+        rad = self.emb.project(self.radial_basis(dist))  # (E_chunk, interm)
         return torch.transpose(self.agg.pad_rows(rad, atom_start, atom_stop, rows), 1, 2)
 
     def whole(self) -> Tensor:

@@ -497,7 +497,7 @@ class GemNetOC(MLModel):
                 ),
             }
         if self.use_a2a:
-            a2a_basis = NeighborBasis(self.radial_basis_aint, self.mlp_rbf_aint, idx.a2a.dist, idx.a2a_agg, ck)
+            a2a_basis = NeighborBasis(self.radial_basis_aint, self.mlp_rbf_aint, idx.a2a.dist, idx.a2a_agg)
             bases["a2a"] = a2a_basis.whole() if self._reuse_bases(ck, idx.a2a_agg) else a2a_basis
         bases["atom_update"] = rad["h"]
         bases["output"] = rad["out"]
@@ -525,7 +525,7 @@ class GemNetOC(MLModel):
         graph_in: built per chunk of output edges by the interaction that uses it, or, for one-chunk layouts
         (``_reuse_bases``), once: (rad_W1, sph), rad_W1 padded per atom with ``rad_agg`` if given."""
         basis = TripletBasis(
-            layer, emb, graph_out.dist, graph_out.vector, graph_in.vector, trip.out, trip.in_, trip.agg, ck
+            layer, emb, graph_out.dist, graph_out.vector, graph_in.vector, trip.out, trip.in_, trip.agg
         )
         return basis.whole(rad_agg) if cls._reuse_bases(ck, trip.agg, rad_agg) else basis
 
