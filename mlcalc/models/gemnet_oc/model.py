@@ -416,16 +416,17 @@ class GemNetOC(MLModel):
         rows = self.chunk_size
         if rows is None:
             return False
-        counts = [idx.main.num, idx.trip_e2e.out.numel()]
-        aggs = [idx.trip_e2e.agg]
-        if idx.a2a is not None:
-            counts.append(idx.a2a.num)
+        # rows of the row-wise maps (edges, and the quadruplets' input triplets); triplets and quadruplets
+        # themselves are only handled through their padded layouts, chunked by ``agg.chunks``
+        counts = [idx.main.num]
         if idx.a2ee2a is not None:
             counts.append(idx.a2ee2a.num)
+        if idx.quad is not None:
+            counts.append(idx.quad.triplet_in.out.numel())
+        aggs = [idx.trip_e2e.agg]
         for name in ("quad", "trip_a2e", "trip_e2a"):
             part = getattr(idx, name, None)
             if part is not None:
-                counts.append(part.out.numel())
                 aggs.append(part.agg)
         for name in ("a2ee2a_agg", "a2a_agg"):
             if getattr(idx, name, None) is not None:
