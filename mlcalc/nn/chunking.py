@@ -10,7 +10,7 @@ and the largest transient is one chunk's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -94,3 +94,46 @@ def split_rows(x: Tensor, chunks: list[Chunk], groups: bool = True) -> tuple[Ten
     would allocate a full-size gradient per chunk)."""
     sizes = [(c.g1 - c.g0) if groups else (c.r1 - c.r0) for c in chunks]
     return torch.split(x, sizes, dim=0)
+
+
+class _WriteRows(torch.autograd.Function):
+    """``buffer[start:stop] = part`` in place, for buffers filled by disjoint row ranges. The backward hands the
+    incoming gradient on to the earlier writes unchanged (autograd's copy into a slice clones it per write) and
+    gives part its rows (a view). Twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, buffer: Tensor, part: Tensor, start: int, stop: int) -> Tensor:
+        buffer[start:stop] = part
+        ctx.mark_dirty(buffer)
+        ctx.rows = (start, stop)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        start, stop = ctx.rows
+        return grad, grad[start:stop], None, None
+
+
+def assemble_rows(results: Iterable[tuple[int, int, Any]], size: int) -> Any:
+    """Chunk outputs ``(start, stop, result)`` (result: one tensor or a tuple, each with stop - start rows) as
+    tensors of ``size`` rows, equal to their ``torch.cat`` when the ranges tile [0, size) in order.
+
+    Each chunk's outputs are copied into buffers allocated at the first chunk (with autograd, by ``_WriteRows``),
+    so none of them outlives its chunk: a list of outputs kept for a cat interleaves small long-lived blocks with
+    the chunks' temporaries, and glibc's heap then grows with every chunk (freed, never returned). ``results``
+    should be a generator, so that each chunk's outputs are freed before the next chunk is computed.
+    """
+    outs: list[Tensor] = []
+    single = True
+    for start, stop, result in results:
+        single = isinstance(result, Tensor)
+        pieces = (result,) if single else tuple(result)
+        if not outs:
+            outs = [p.new_empty((size, *p.shape[1:])) for p in pieces]
+        for k, piece in enumerate(pieces):
+            if torch.is_grad_enabled() and (piece.requires_grad or outs[k].requires_grad):
+                outs[k] = _WriteRows.apply(outs[k], piece, start, stop)
+            else:
+                outs[k][start:stop] = piece
+        del result, pieces
+    return outs[0] if single else tuple(outs)

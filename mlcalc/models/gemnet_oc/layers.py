@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mlcalc.nn.chunking import Chunk, checkpoint, split_rows
+from mlcalc.nn.chunking import Chunk, assemble_rows, checkpoint, split_rows
 from mlcalc.nn.init import init_skipped
 from mlcalc.nn.scatter import gather
 from mlcalc.precision import bfloat16_products
@@ -154,24 +154,6 @@ PLAIN = Chunking()
 ChunkCall = tuple[int, int, tuple]
 
 
-class _WriteRows(torch.autograd.Function):
-    """``buffer[start:stop] = part`` in place, for buffers filled by disjoint row ranges. The backward hands the
-    incoming gradient on to the earlier writes unchanged (autograd's copy into a slice clones it per write) and
-    gives part its rows (a view). Twice differentiable."""
-
-    @staticmethod
-    def forward(ctx, buffer: Tensor, part: Tensor, start: int, stop: int) -> Tensor:
-        buffer[start:stop] = part
-        ctx.mark_dirty(buffer)
-        ctx.rows = (start, stop)
-        return buffer
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        start, stop = ctx.rows
-        return grad, grad[start:stop], None, None
-
-
 def run_chunks(
     fn: Callable[..., ChunkResult], calls: Sequence[ChunkCall], size: int, chunking: Chunking
 ) -> ChunkResult:
@@ -185,20 +167,9 @@ def run_chunks(
     """
     if len(calls) == 1:
         return checkpoint(fn, *calls[0][2], enabled=chunking.checkpoint)
-    outs: list[Tensor] = []
-    single = True
-    for start, stop, args in calls:
-        result = checkpoint(fn, *args, enabled=chunking.checkpoint)
-        single = isinstance(result, Tensor)
-        parts = (result,) if single else result
-        if not outs:
-            outs = [p.new_empty((size, *p.shape[1:])) for p in parts]
-        for i, part in enumerate(parts):
-            if needs_grad(part) or needs_grad(outs[i]):
-                outs[i] = _WriteRows.apply(outs[i], part, start, stop)
-            else:
-                outs[i][start:stop] = part
-    return outs[0] if single else tuple(outs)
+    return assemble_rows(
+        ((start, stop, checkpoint(fn, *args, enabled=chunking.checkpoint)) for start, stop, args in calls), size
+    )
 
 
 def map_rows(

@@ -22,7 +22,7 @@ from mlcalc.models.spherenet.geometry import (
     torsion_reference,
     triplet_directions,
 )
-from mlcalc.nn.chunking import checkpoint, group_chunks, split_rows
+from mlcalc.nn.chunking import assemble_rows, checkpoint, group_chunks, split_rows
 from mlcalc.nn.scatter import gather, scatter_sum
 
 logger = logging.getLogger(__name__)
@@ -38,48 +38,15 @@ ESTIMATE_BYTES_PER_TRIPLET = 520
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swish": F.silu, "silu": F.silu}
 
 
-class _WriteRows(torch.autograd.Function):
-    """``buffer[start:stop] = part`` in place, for buffers filled by disjoint row ranges (as GemNet-OC's). The
-    backward hands the incoming gradient on to the earlier writes unchanged and gives part its rows (a view)."""
-
-    @staticmethod
-    def forward(ctx, buffer: Tensor, part: Tensor, start: int, stop: int) -> Tensor:
-        buffer[start:stop] = part
-        ctx.mark_dirty(buffer)
-        ctx.rows = (start, stop)
-        return buffer
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        start, stop = ctx.rows
-        return grad, grad[start:stop], None, None
-
-
 def _assemble(parts: Iterable[Any], bounds: list[tuple[int, int]], size: int) -> Any:
     """The outputs of runs (one tensor or a tuple each, ``bounds[r]`` = their rows [start, stop)) as tensors of
-    ``size`` rows, equal to their ``torch.cat``.
-
-    Each run's outputs are copied into buffers allocated at the first run, so none of them outlives its run: a
-    list of run outputs kept for a cat interleaves small long-lived blocks with the runs' temporaries, and glibc's
-    heap then grows by ~10 MB per layer and run (freed, never returned). ``parts`` should be a generator, so that
-    each run's outputs are freed before the next run is computed. One run: its outputs as they are.
+    ``size`` rows, equal to their ``torch.cat`` (``mlcalc.nn.chunking.assemble_rows``: no run output outlives its
+    run; kept for a cat they grew glibc's heap by ~10 MB per layer and run). ``parts`` should be a generator, so
+    that each run's outputs are freed before the next run is computed. One run: its outputs as they are.
     """
     if len(bounds) == 1:
         return next(iter(parts))
-    outs: list[Tensor] = []
-    single = True
-    for (start, stop), result in zip(bounds, parts, strict=True):
-        single = isinstance(result, Tensor)
-        pieces = (result,) if single else tuple(result)
-        if not outs:
-            outs = [p.new_empty((size, *p.shape[1:])) for p in pieces]
-        for k, piece in enumerate(pieces):
-            if torch.is_grad_enabled() and (piece.requires_grad or outs[k].requires_grad):
-                outs[k] = _WriteRows.apply(outs[k], piece, start, stop)
-            else:
-                outs[k][start:stop] = piece
-        del result, pieces
-    return outs[0] if single else tuple(outs)
+    return assemble_rows(((start, stop, part) for (start, stop), part in zip(bounds, parts, strict=True)), size)
 
 
 class Embeddings(nn.Module):
