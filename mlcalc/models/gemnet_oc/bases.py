@@ -253,24 +253,25 @@ class SphericalBasisLayer(nn.Module):
         n = self.num_spherical
         if self.sbf_name == "spherical_harmonics":
             return real_spherical_harmonics(cos_angle, dihedral, n)
+        first, second = self._outer_factors(cos_angle, dihedral)
+        outer = first[:, :, None] * second[:, None, :]
+        return outer.reshape(cos_angle.shape[0], n * n)
+
+    def _outer_factors(self, cos_angle: Tensor, dihedral: Tensor) -> tuple[Tensor, Tensor]:
+        """The two (Q, num_spherical) factors of an outer-product basis (legendre_outer, gaussian_outer)."""
         basis: Callable[[Tensor], Tensor]
         if self.sbf_name == "legendre_outer":
-            basis = lambda x: zonal_harmonics(x, n)  # noqa: E731
+            basis = lambda x: zonal_harmonics(x, self.num_spherical)  # noqa: E731
         else:
             basis = self.circular_basis
-        outer = basis(cos_angle)[:, :, None] * basis(torch.cos(dihedral))[:, None, :]
-        return outer.reshape(cos_angle.shape[0], n * n)
+        return basis(cos_angle), basis(torch.cos(dihedral))
 
     def angular_factors(self, cos_angle: Tensor, dihedral: Tensor) -> tuple[Tensor, Tensor] | None:
         """For the outer-product bases (legendre_outer, gaussian_outer): the two factors (Q, num_spherical) whose
         outer product per row is ``angular`` (times the scale factor, applied to the first); None otherwise."""
         if self.sbf_name == "spherical_harmonics":
             return None
-        n = self.num_spherical
-        if self.sbf_name == "legendre_outer":
-            first, second = zonal_harmonics(cos_angle, n), zonal_harmonics(torch.cos(dihedral), n)
-        else:
-            first, second = self.circular_basis(cos_angle), self.circular_basis(torch.cos(dihedral))
+        first, second = self._outer_factors(cos_angle, dihedral)
         return (self.scale_sbf(first) if self.scale_basis else first), second
 
     def forward(self, d: Tensor, cos_angle: Tensor, dihedral: Tensor) -> tuple[Tensor, Tensor]:

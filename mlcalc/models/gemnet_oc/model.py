@@ -116,12 +116,11 @@ class GemNetOC(MLModel):
       (gradient forces and stress) and the call spans more than one chunk (``spans_chunks``; smaller calls keep
       their few activations and run at full speed), autograd keeps only the inputs of each block (edge
       embedding + first blocks, each interaction and output block), of each chunk and of each residual layer of
-      the edge update, and
-      recomputes the rest in the backward (``mlcalc.nn.chunking.checkpoint``): the memory of a call grows with
-      about seven edge tensors (E, emb_size_edge) plus one chunk, instead of ~100 edge tensors. Costs about two
-      more forwards per call. Off in training mode (``self.training``: the memory/speed trade-off of training is
-      left to the caller) and under ``torch.compile`` (where chunking is off as well: the compiled graph keeps
-      sizes symbolic).
+      the edge update, and recomputes the rest in the backward (``mlcalc.nn.chunking.checkpoint``): the memory
+      of a call grows with about seven edge tensors (E, emb_size_edge) plus one chunk, instead of ~100 edge
+      tensors. Costs about two more forwards per call. Off in training mode (``self.training``: the memory/speed
+      trade-off of training is left to the caller) and under ``torch.compile`` (where chunking is off as well:
+      the compiled graph keeps sizes symbolic).
     """
 
     def __init__(
