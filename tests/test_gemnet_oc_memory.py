@@ -44,15 +44,16 @@ def small_model(direct: bool) -> GemNetOC:
     return model
 
 
-def slab():
-    """13 atoms: 2x2x3 Cu(111) with an O adsorbate; top layer tagged 1, O tagged 2 (quadruplets on)."""
-    atoms = fcc111("Cu", size=(2, 2, 3), vacuum=6.0, a=3.61)
+def slab(size: tuple[int, int, int] = (2, 2, 3), seed: int = 1):
+    """Cu(111) of ``size`` (default 2x2x3: 13 atoms) with an O adsorbate; top layer tagged 1, O tagged 2
+    (quadruplets on); rattled with ``seed``."""
+    atoms = fcc111("Cu", size=size, vacuum=6.0, a=3.61)
     add_adsorbate(atoms, "O", 1.2, "fcc")
     tags = np.zeros(len(atoms), dtype=int)
-    tags[8:] = 1
+    tags[(size[2] - 1) * size[0] * size[1] :] = 1
     tags[-1] = 2
     atoms.set_tags(tags)
-    atoms.rattle(0.05, seed=1)
+    atoms.rattle(0.05, seed=seed)
     return atoms
 
 
