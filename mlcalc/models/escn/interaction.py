@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mlcalc.models.escn.layers import EdgeBlock, SO2Block
 from mlcalc.models.escn.layout import ESCNLayout, from_grid, to_grid
+from mlcalc.nn.linear import Linear
 from mlcalc.nn.scatter import gather
 
 
@@ -164,9 +165,9 @@ class LayerBlock(nn.Module):
             max_num_elements,
             act,
         )
-        self.fc1_sphere = nn.Linear(2 * channels_all, channels_all, bias=False)
-        self.fc2_sphere = nn.Linear(channels_all, channels_all, bias=False)
-        self.fc3_sphere = nn.Linear(channels_all, channels_all, bias=False)
+        self.fc1_sphere = Linear(2 * channels_all, channels_all, bias=False)
+        self.fc2_sphere = Linear(channels_all, channels_all, bias=False)
+        self.fc3_sphere = Linear(channels_all, channels_all, bias=False)
 
     def _grid(self, x: Tensor, layout: ESCNLayout) -> Tensor:
         """(N, sum full, C) -> (N, G, R * C): every resolution on the max-lmax grid, channels concatenated."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mlcalc.nn.linear import Linear
+
 
 class EdgeBlock(nn.Module):
     """Invariant edge features (E, edge_channels) from distances (E,) and source/target atomic numbers (E,)."""
@@ -16,12 +18,12 @@ class EdgeBlock(nn.Module):
         super().__init__()
         self.distance_expansion = distance_expansion
         self.act = act
-        self.fc1_dist = nn.Linear(distance_expansion.num_output, edge_channels)
+        self.fc1_dist = Linear(distance_expansion.num_output, edge_channels)
         self.source_embedding = nn.Embedding(max_num_elements, edge_channels)
         self.target_embedding = nn.Embedding(max_num_elements, edge_channels)
         nn.init.uniform_(self.source_embedding.weight.data, -0.001, 0.001)
         nn.init.uniform_(self.target_embedding.weight.data, -0.001, 0.001)
-        self.fc1_edge_attr = nn.Linear(edge_channels, edge_channels)
+        self.fc1_edge_attr = Linear(edge_channels, edge_channels)
 
     def forward(self, edge_distance: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
         x_dist = self.fc1_dist(self.distance_expansion(edge_distance))
@@ -55,11 +57,11 @@ class SO2Conv(nn.Module):
         )
         if num_channels <= 0:
             raise ValueError(f"SO2Conv: no coefficient of order m={m} for lmax_list={lmax_list}, mmax={mmax_list}")
-        self.fc1_dist = nn.Linear(edge_channels, 2 * hidden_channels)
-        self.fc1_r = nn.Linear(num_channels, hidden_channels, bias=False)
-        self.fc2_r = nn.Linear(hidden_channels, num_channels, bias=False)
-        self.fc1_i = nn.Linear(num_channels, hidden_channels, bias=False)
-        self.fc2_i = nn.Linear(hidden_channels, num_channels, bias=False)
+        self.fc1_dist = Linear(edge_channels, 2 * hidden_channels)
+        self.fc1_r = Linear(num_channels, hidden_channels, bias=False)
+        self.fc2_r = Linear(hidden_channels, num_channels, bias=False)
+        self.fc1_i = Linear(num_channels, hidden_channels, bias=False)
+        self.fc2_i = Linear(hidden_channels, num_channels, bias=False)
 
     def forward(self, x_m: Tensor, x_edge: Tensor) -> Tensor:
         weights = self.act(self.fc1_dist(x_edge)).view(-1, 2, self.hidden_channels)
@@ -88,9 +90,9 @@ class SO2Block(nn.Module):
         super().__init__()
         self.act = act
         num_channels_m0 = sum((lmax + 1) * sphere_channels for lmax in lmax_list)
-        self.fc1_dist0 = nn.Linear(edge_channels, hidden_channels)
-        self.fc1_m0 = nn.Linear(num_channels_m0, hidden_channels, bias=False)
-        self.fc2_m0 = nn.Linear(hidden_channels, num_channels_m0, bias=False)
+        self.fc1_dist0 = Linear(edge_channels, hidden_channels)
+        self.fc1_m0 = Linear(num_channels_m0, hidden_channels, bias=False)
+        self.fc2_m0 = Linear(hidden_channels, num_channels_m0, bias=False)
         self.so2_conv = nn.ModuleList(
             SO2Conv(m, sphere_channels, hidden_channels, edge_channels, lmax_list, mmax_list, act)
             for m in range(1, max(mmax_list) + 1)
@@ -117,9 +119,9 @@ class EnergyBlock(nn.Module):
         super().__init__()
         self.num_sphere_samples = num_sphere_samples
         self.act = act
-        self.fc1 = nn.Linear(num_channels, num_channels)
-        self.fc2 = nn.Linear(num_channels, num_channels)
-        self.fc3 = nn.Linear(num_channels, 1, bias=False)
+        self.fc1 = Linear(num_channels, num_channels)
+        self.fc2 = Linear(num_channels, num_channels)
+        self.fc3 = Linear(num_channels, 1, bias=False)
 
     def point_values(self, x_pt: Tensor) -> Tensor:
         """Scalar per sphere point: (N * P, C) -> (N, P, 1)."""

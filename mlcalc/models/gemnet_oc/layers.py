@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from mlcalc.nn.chunking import Chunk, assemble_rows, checkpoint, split_rows
 from mlcalc.nn.init import init_skipped
+from mlcalc.nn.linear import Linear, linear
 from mlcalc.nn.scatter import gather
 from mlcalc.precision import bfloat16_products
 
@@ -72,7 +73,7 @@ class Dense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, activation: str | None = None):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.linear = Linear(in_features, out_features, bias=bias)
         self.reset_parameters()
         act = activation.lower() if isinstance(activation, str) else activation
         if act in ("silu", "swish"):
@@ -89,6 +90,9 @@ class Dense(nn.Module):
                 self.linear.bias.fill_(0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self._activation, ScaledSiLU) and not needs_grad(x):
+            # SiLU fused into the product where mlcalc.nn.linear can (no autograd), then the scale in place
+            return self.linear(x, silu=True).mul_(self._activation.scale_factor)
         return self.activate(self.linear(x))
 
     def activate(self, x: Tensor) -> Tensor:
@@ -608,11 +612,11 @@ class EdgeEmbedding(nn.Module):
         """(N, atom_features) -> the source and target terms W_s h, W_t h, each (N, out_features)."""
         weight = self.dense.linear.weight  # (out, 2 A + E_in): [W_s | W_t | W_m]
         a = self.atom_features
-        return nn.functional.linear(h, weight[:, :a]), nn.functional.linear(h, weight[:, a : 2 * a])
+        return linear(h, weight[:, :a]), linear(h, weight[:, a : 2 * a])
 
     def edge_rows(self, m: Tensor, src: Tensor, dst: Tensor, source_term: Tensor, target_term: Tensor) -> Tensor:
         """The embedding of edges (src, dst) with features m (E_chunk, edge_features), from ``atom_terms``."""
-        x = nn.functional.linear(m, self.dense.linear.weight[:, 2 * self.atom_features :])
+        x = linear(m, self.dense.linear.weight[:, 2 * self.atom_features :])
         x = x.add_(gather(source_term, src))  # x is fresh: in place
         x = x.add_(gather(target_term, dst))
         return self.dense.activate(x)

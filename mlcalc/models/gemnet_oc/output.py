@@ -7,6 +7,7 @@ import math
 from torch import Tensor, nn
 
 from mlcalc.models.gemnet_oc.layers import PLAIN, Chunking, Dense, ResidualLayer, ScaleFactor, map_rows, scatter_rows
+from mlcalc.nn.linear import linear
 
 
 def _mlp(units_in: int, units: int, n_hidden: int, activation: str | None) -> nn.ModuleList:
@@ -108,4 +109,4 @@ class OutputBlock(AtomUpdateBlock):
         for layer in self.seq_forces:
             x_f = layer(x_f)
         x_f = self.scale_rbf_F(x_f * self.dense_rbf_F(basis_rad))
-        return x_f if force_weight is None else nn.functional.linear(x_f, force_weight)
+        return x_f if force_weight is None else linear(x_f, force_weight)

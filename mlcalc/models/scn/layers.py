@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mlcalc.models.scn.frames import EdgeFrames, SphericalResolution
+from mlcalc.nn.linear import Linear
 from mlcalc.nn.scatter import gather
 
 
@@ -22,12 +23,12 @@ class DistanceBlock(nn.Module):
         super().__init__()
         self.distance_expansion = distance_expansion
         self.act = nn.SiLU()
-        self.fc1_dist = nn.Linear(in_channels, num_basis_functions)
+        self.fc1_dist = Linear(in_channels, num_basis_functions)
         self.source_embedding = nn.Embedding(max_num_elements, num_basis_functions)
         self.target_embedding = nn.Embedding(max_num_elements, num_basis_functions)
         nn.init.uniform_(self.source_embedding.weight.data, -0.001, 0.001)
         nn.init.uniform_(self.target_embedding.weight.data, -0.001, 0.001)
-        self.fc1_edge_attr = nn.Linear(num_basis_functions, num_basis_functions)
+        self.fc1_edge_attr = Linear(num_basis_functions, num_basis_functions)
 
     def forward(self, edge_distance: Tensor, source_element: Tensor, target_element: Tensor) -> Tensor:
         x_dist = self.fc1_dist(self.distance_expansion(edge_distance))
@@ -48,10 +49,10 @@ class MessageBlock(nn.Module):
         self.sphere_channels_reduce = sphere_channels_reduce
         self.sphharm = sphharm
         reduced = sphharm.sphere_basis_reduce * sphere_channels_reduce
-        self.fc1_dist = nn.Linear(num_basis_functions, hidden_channels)
-        self.fc1_edge_proj = nn.Linear(2 * reduced, hidden_channels)
-        self.fc1_edge = nn.Linear(hidden_channels, hidden_channels)
-        self.fc2_edge = nn.Linear(hidden_channels, reduced)
+        self.fc1_dist = Linear(num_basis_functions, hidden_channels)
+        self.fc1_edge_proj = Linear(2 * reduced, hidden_channels)
+        self.fc1_edge = Linear(hidden_channels, hidden_channels)
+        self.fc2_edge = Linear(hidden_channels, reduced)
 
     def forward(self, x: Tensor, x_edge: Tensor, frames: EdgeFrames, combine: Tensor) -> Tensor:
         """x: (N, S_r, C) atom coefficients; x_edge: (E_r, num_basis_functions); combine: (T R, R)."""
@@ -101,13 +102,13 @@ class EdgeBlock(nn.Module):
             for hidden, res in zip(hidden_channels_list, resolutions, strict=True)
         )
         if sphere_channels != sphere_channels_reduce:
-            self.downsample = nn.Linear(sphere_channels, sphere_channels_reduce, bias=False)
-            self.upsample = nn.Linear(sphere_channels_reduce, sphere_channels, bias=False)
+            self.downsample = Linear(sphere_channels, sphere_channels_reduce, bias=False)
+            self.upsample = Linear(sphere_channels_reduce, sphere_channels, bias=False)
         if use_grid:
             width = resolutions[0].num_bands * 2 * sphere_channels_reduce
-            self.fc1_sphere = nn.Linear(width, width)
-            self.fc2_sphere = nn.Linear(width, 2 * sphere_channels_reduce)
-            self.fc3_sphere = nn.Linear(2 * sphere_channels_reduce, sphere_channels_reduce)
+            self.fc1_sphere = Linear(width, width)
+            self.fc2_sphere = Linear(width, 2 * sphere_channels_reduce)
+            self.fc3_sphere = Linear(2 * sphere_channels_reduce, sphere_channels_reduce)
 
     def forward(
         self,

@@ -22,6 +22,7 @@ from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.scn import sphere
 from mlcalc.models.scn.frames import EdgeFrames, SphericalResolution
 from mlcalc.models.scn.layers import EdgeBlock
+from mlcalc.nn.linear import Linear
 from mlcalc.nn.scatter import gather, scatter_sum, segment_ranks
 from mlcalc.nn.smearing import DISTANCE_EXPANSIONS
 from mlcalc.nn.wigner import edge_rot_mat, rotation_to_euler
@@ -146,12 +147,12 @@ class SCN(MLModel):
             )
             for _ in range(num_interactions)
         )
-        self.energy_fc1 = nn.Linear(sphere_channels, sphere_channels)
-        self.energy_fc2 = nn.Linear(sphere_channels, sphere_channels_reduce)
-        self.energy_fc3 = nn.Linear(sphere_channels_reduce, 1)
-        self.force_fc1 = nn.Linear(sphere_channels, sphere_channels)
-        self.force_fc2 = nn.Linear(sphere_channels, sphere_channels_reduce)
-        self.force_fc3 = nn.Linear(sphere_channels_reduce, 1)
+        self.energy_fc1 = Linear(sphere_channels, sphere_channels)
+        self.energy_fc2 = Linear(sphere_channels, sphere_channels_reduce)
+        self.energy_fc3 = Linear(sphere_channels_reduce, 1)
+        self.force_fc1 = Linear(sphere_channels, sphere_channels)
+        self.force_fc2 = Linear(sphere_channels, sphere_channels_reduce)
+        self.force_fc3 = Linear(sphere_channels_reduce, 1)
         self._consts: dict[tuple[torch.device, torch.dtype], dict[str, Any]] = {}
         self.chunk_size: int | None = self.DEFAULT_CHUNK_SIZE
 
