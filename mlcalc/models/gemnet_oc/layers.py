@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from mlcalc.models.gemnet_oc.buckets import BucketedBasis, BucketPlan
 from mlcalc.nn.chunking import Chunk, assemble_rows, checkpoint, split_rows
 from mlcalc.nn.init import init_skipped
 from mlcalc.nn.linear import Linear, linear
@@ -251,6 +252,16 @@ class Aggregation:
     _pad_index: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
     _workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
     _bfloat16: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    _buckets: BucketPlan | None = field(default=None, repr=False, compare=False)
+
+    def bucket_plan(self) -> BucketPlan | None:
+        """The slots in buckets of similar size (``buckets.BucketPlan``, kept for the call), or None where they
+        do not apply: a call in several chunks, or torch.compile tracing (bucket sizes depend on the data)."""
+        if torch.compiler.is_compiling() or (self.chunks is not None and len(self.chunks) > 1):
+            return None
+        if self._buckets is None:
+            self._buckets = BucketPlan.of(self.outer, self.inner, self.size)
+        return self._buckets
 
     def bfloat16_of(self, x: Tensor) -> Tensor:
         """``x.to(torch.bfloat16)``, kept while x is the last tensor asked for (the basis every block multiplies)."""
@@ -518,6 +529,10 @@ class EfficientInteractionBilinear(nn.Module):
             return self.bilinear((rad_w1 @ sph_m_padded).flatten(1))  # (N_chunk, interm, emb_in)
 
         lazy = isinstance(basis, TripletBasis)
+        if agg2 is None and not lazy and isinstance(basis[1], BucketedBasis):  # one chunk, no autograd
+            bf16 = m.dtype == torch.float32 and m.device.type == "cpu" and bfloat16_products()
+            sph_m_all = basis[1].product(m, agg.size, index=index, bfloat16=bf16)  # (E, num_spherical, emb_in)
+            return self.bilinear(torch.matmul(basis[0], sph_m_all).flatten(1))
         if agg2 is None:
 
             def edge_product(start: int, stop: int, rows: slice | Tensor, rad_w1: Tensor, sph: Tensor, m: Tensor):

@@ -26,6 +26,7 @@ from mlcalc.memory import release_free_heap
 from mlcalc.models.base import MLModel, register_model
 from mlcalc.models.gemnet_oc import indices as ix
 from mlcalc.models.gemnet_oc.bases import CircularBasisLayer, RadialBasis, SphericalBasisLayer
+from mlcalc.models.gemnet_oc.buckets import BucketedBasis
 from mlcalc.models.gemnet_oc.interaction import InteractionBlock
 from mlcalc.models.gemnet_oc.layers import (
     PLAIN,
@@ -472,11 +473,15 @@ class GemNetOC(MLModel):
                 rad_sph_q, sph_q = self.sbf_basis_qint(main.dist, cos_cab_q, dihedral)
                 sph = self.mlp_sbf_qint(rad_sph_q, sph_q, sph_agg=quad.agg)
             else:  # the outer product built in the padded layout: no (Q, n^2) tensor, one pass over the padding
-                rows = slice(0, quad.out.shape[0])
-                first, second = (quad.agg.pad_gather(f, 0, quad.agg.size, rows) for f in factors)  # (E, kmax, n)
-                outer = (first[:, :, :, None] * second[:, :, None, :]).flatten(2)  # (E, kmax, n^2)
-                rad_sph_q = self.sbf_basis_qint.radial_basis(main.dist)
-                sph = (self.mlp_sbf_qint.project(rad_sph_q), torch.transpose(outer, 1, 2))
+                rad_sph_q = self.mlp_sbf_qint.project(self.sbf_basis_qint.radial_basis(main.dist))
+                plan = quad.agg.bucket_plan()
+                if plan is not None:  # one chunk: padded per bucket of similar quadruplet counts
+                    sph = (rad_sph_q, BucketedBasis.outer_product(plan, *factors))
+                else:
+                    rows = slice(0, quad.out.shape[0])
+                    first, second = (quad.agg.pad_gather(f, 0, quad.agg.size, rows) for f in factors)  # (E, kmax, n)
+                    outer = (first[:, :, :, None] * second[:, :, None, :]).flatten(2)  # (E, kmax, n^2)
+                    sph = (rad_sph_q, torch.transpose(outer, 1, 2))
             bases["qint"] = {
                 "rad": rad["qint"],
                 "cir": self.mlp_cbf_qint(rad_cir_q, cir_q, sph_outer=quad.triplet_in.out),
