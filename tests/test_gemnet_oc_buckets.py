@@ -112,3 +112,17 @@ def test_one_chunk_direct_force_calls_use_buckets_and_match_the_padded_path(monk
     assert len(calls) == model.num_blocks
     for key in ("energy", "forces"):
         torch.testing.assert_close(bucketed[key], padded[key], rtol=0, atol=1e-10)
+
+
+def test_repeated_products_reuse_buffers_without_stale_values():
+    """Each block of a call multiplies new messages with the same basis: the reused buffers hold each call's
+    values (empty groups stay zero)."""
+    outer, inner, counts = ragged(4)
+    size, rows = counts.shape[0], outer.shape[0]
+    first, second = torch.rand(rows, 3, dtype=torch.float64), torch.rand(rows, 3, dtype=torch.float64)
+    basis = BucketedBasis.outer_product(BucketPlan.of(outer, inner, size), first, second)
+    for seed in range(3):
+        values = torch.randn(rows, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        out = basis.product(values, size).clone()
+        torch.testing.assert_close(out, reference(outer, first, second, values, size), rtol=1e-12, atol=1e-12)
+        assert torch.count_nonzero(out[counts == 0]) == 0

@@ -38,6 +38,9 @@ class BucketPlan:
     volume: int
     #: per source index (id) and source size: (V,) source row of each flat position (the zero row for padding)
     positions: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
+    #: buffers reused by every ``BucketedBasis.product`` of the call (one per shape and dtype): on the VMs measured
+    #: a fresh 20 MB tensor costs ~10 ms in page faults, more than the gather that fills it
+    workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def of(outer: Tensor, inner: Tensor, size: int, ratio: float = RATIO) -> BucketPlan:
@@ -75,10 +78,23 @@ class BucketPlan:
             self.positions[key] = positions
         return positions
 
-    def gather(self, src: Tensor, index: Tensor | None = None) -> Tensor:
-        """(V, ...) flat padded layout of the rows' values src[row] (or src[index[row]]), zeros in the padding."""
+    def gather(self, src: Tensor, index: Tensor | None = None, reuse: bool = False) -> Tensor:
+        """(V, ...) flat padded layout of the rows' values src[row] (or src[index[row]]), zeros in the padding.
+        ``reuse``: written into a buffer of the plan that the next ``reuse`` gather of that shape overwrites."""
         src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))])
-        return gather(src_ext, self.source_positions(src.shape[0], index))
+        positions = self.source_positions(src.shape[0], index)
+        if not reuse:
+            return gather(src_ext, positions)
+        return torch.index_select(src_ext, 0, positions, out=self.buffer((self.volume, *src.shape[1:]), src))
+
+    def buffer(self, shape: tuple[int, ...], like: Tensor, zeros: bool = False) -> Tensor:
+        """The plan's buffer of this shape with like's dtype and device; ``zeros``: zero-filled when first made."""
+        key = (shape, like.dtype, like.device)
+        buf = self.workspace.get(key)
+        if buf is None:
+            buf = like.new_zeros(shape) if zeros else like.new_empty(shape)
+            self.workspace[key] = buf
+        return buf
 
     def bucket(self, flat: Tensor, b: int) -> Tensor:
         """Bucket b of a flat layout (V, *C) as (n_b, width_b, *C) (a view)."""
@@ -112,10 +128,12 @@ class BucketedBasis:
 
     def product(self, m: Tensor, size: int, index: Tensor | None = None, bfloat16: bool = False) -> Tensor:
         """sum_k basis[e, :, k] m[row(e, k)] for every slot e: (size, S, C) from the rows' values m (R, C), or
-        m[index[row]] with ``index``. ``bfloat16``: operands in bfloat16, float32 accumulation and result."""
+        m[index[row]] with ``index``. ``bfloat16``: operands in bfloat16, float32 accumulation and result. The
+        result is a buffer of the plan that the next ``product`` of the call overwrites: consume it at once."""
         src = m.to(torch.bfloat16) if bfloat16 else m
-        flat_m = self.plan.gather(src, index)  # (V, C)
-        out = m.new_zeros((size, self.flat.shape[1], m.shape[1]))
+        flat_m = self.plan.gather(src, index, reuse=True)  # (V, C)
+        # reused: every call writes the same slots, the others (empty groups) stay zero
+        out = self.plan.buffer((size, self.flat.shape[1], m.shape[1]), m, zeros=True)
         for b, slots in enumerate(self.plan.slots):
             part = torch.bmm(self.operand(b, bfloat16), self.plan.bucket(flat_m, b))
             out.index_copy_(0, slots, part.to(out.dtype))
