@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from mlcalc.nn.scatter import gather
+from mlcalc.nn.workspace import Workspace
 
 #: a bucket takes the groups larger than RATIO x its largest one (occupancy >= RATIO, ~93 % on an OC20 slab)
 RATIO = 0.75
@@ -38,13 +39,16 @@ class BucketPlan:
     volume: int
     #: per source index (id) and source size: (V,) source row of each flat position (the zero row for padding)
     positions: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
-    #: buffers reused by every ``BucketedBasis.product`` of the call (one per shape and dtype): on the VMs measured
-    #: a fresh 20 MB tensor costs ~10 ms in page faults, more than the gather that fills it
+    #: where the large operands live: the model's ``Workspace`` (kept across calls) or, without one, buffers of
+    #: this plan reused by every ``BucketedBasis.product`` of the call. On the VMs measured a fresh 20 MB tensor
+    #: costs ~10 ms in page faults, more than the gather that fills it
+    pool: Workspace | None = field(default=None, repr=False)
     workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def of(outer: Tensor, inner: Tensor, size: int, ratio: float = RATIO) -> BucketPlan:
-        """Plan for rows with slot ``outer`` (R,) and position ``inner`` (R,) among ``size`` slots."""
+    def of(outer: Tensor, inner: Tensor, size: int, ratio: float = RATIO, pool: Workspace | None = None) -> BucketPlan:
+        """Plan for rows with slot ``outer`` (R,) and position ``inner`` (R,) among ``size`` slots; the large
+        operands in ``pool`` when given."""
         counts = torch.bincount(outer, minlength=size)
         sorted_counts, order = torch.sort(counts, descending=True, stable=True)
         desc = sorted_counts.tolist()
@@ -63,7 +67,7 @@ class BucketPlan:
             offset += (stop - start) * width
             start = stop
         flat_of_row = flat_of_slot[outer] + inner
-        return BucketPlan(slots, widths, offsets, flat_of_row, offset)
+        return BucketPlan(slots, widths, offsets, flat_of_row, offset, pool=pool)
 
     def source_positions(self, num_src: int, index: Tensor | None) -> Tensor:
         """(V,) source row of each flat position: the row itself, or ``index[row]``; ``num_src`` (the zero row
@@ -78,21 +82,27 @@ class BucketPlan:
             self.positions[key] = positions
         return positions
 
-    def gather(self, src: Tensor, index: Tensor | None = None, reuse: bool = False) -> Tensor:
+    def gather(self, src: Tensor, index: Tensor | None = None, role: str | None = None) -> Tensor:
         """(V, ...) flat padded layout of the rows' values src[row] (or src[index[row]]), zeros in the padding.
-        ``reuse``: written into a buffer of the plan that the next ``reuse`` gather of that shape overwrites."""
+        ``role``: written into the plan's buffer of that role, which the next gather of the role overwrites."""
         src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))])
         positions = self.source_positions(src.shape[0], index)
-        if not reuse:
+        if role is None:
             return gather(src_ext, positions)
-        return torch.index_select(src_ext, 0, positions, out=self.buffer((self.volume, *src.shape[1:]), src))
+        return torch.index_select(src_ext, 0, positions, out=self.buffer(role, (self.volume, *src.shape[1:]), src))
 
-    def buffer(self, shape: tuple[int, ...], like: Tensor, zeros: bool = False) -> Tensor:
-        """The plan's buffer of this shape with like's dtype and device; ``zeros``: zero-filled when first made."""
-        key = (shape, like.dtype, like.device)
+    def buffer(self, role: str, shape: tuple[int, ...], like: Tensor, zeros: bool = False) -> Tensor:
+        """The buffer of ``role`` with this shape and like's dtype and device; ``zeros``: zero-filled the first
+        time the plan hands it out."""
+        key = (role, shape, like.dtype, like.device)
         buf = self.workspace.get(key)
         if buf is None:
-            buf = like.new_zeros(shape) if zeros else like.new_empty(shape)
+            if self.pool is not None:
+                buf = self.pool.get(("gemnet_oc.buckets", role), shape, like.dtype, like.device)
+                if zeros:
+                    buf.zero_()
+            else:
+                buf = like.new_zeros(shape) if zeros else like.new_empty(shape)
             self.workspace[key] = buf
         return buf
 
@@ -114,8 +124,10 @@ class BucketedBasis:
     @staticmethod
     def outer_product(plan: BucketPlan, first: Tensor, second: Tensor) -> BucketedBasis:
         """Rows' outer products first (R, n) x second (R, n) -> (R, n * n) values, laid out flat by the plan."""
-        a, b = plan.gather(first), plan.gather(second)  # (V, n)
-        return BucketedBasis(plan, (a[:, :, None] * b[:, None, :]).flatten(1))
+        a, b = plan.gather(first, role="first"), plan.gather(second, role="second")  # (V, n)
+        n = first.shape[1]
+        outer = plan.buffer("outer", (plan.volume, n, n), first)
+        return BucketedBasis(plan, torch.mul(a[:, :, None], b[:, None, :], out=outer).flatten(1))
 
     def operand(self, b: int, bfloat16: bool = False) -> Tensor:
         """(n_b, S, width_b) of bucket b (a transposed view of the flat layout)."""
@@ -131,9 +143,9 @@ class BucketedBasis:
         m[index[row]] with ``index``. ``bfloat16``: operands in bfloat16, float32 accumulation and result. The
         result is a buffer of the plan that the next ``product`` of the call overwrites: consume it at once."""
         src = m.to(torch.bfloat16) if bfloat16 else m
-        flat_m = self.plan.gather(src, index, reuse=True)  # (V, C)
+        flat_m = self.plan.gather(src, index, role="messages")  # (V, C)
         # reused: every call writes the same slots, the others (empty groups) stay zero
-        out = self.plan.buffer((size, self.flat.shape[1], m.shape[1]), m, zeros=True)
+        out = self.plan.buffer("product", (size, self.flat.shape[1], m.shape[1]), m, zeros=True)
         for b, slots in enumerate(self.plan.slots):
             part = torch.bmm(self.operand(b, bfloat16), self.plan.bucket(flat_m, b))
             out.index_copy_(0, slots, part.to(out.dtype))

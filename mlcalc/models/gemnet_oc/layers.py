@@ -15,6 +15,7 @@ from mlcalc.nn.chunking import Chunk, assemble_rows, checkpoint, split_rows
 from mlcalc.nn.init import init_skipped
 from mlcalc.nn.linear import Linear, linear
 from mlcalc.nn.scatter import gather
+from mlcalc.nn.workspace import Workspace
 from mlcalc.precision import bfloat16_products
 
 #: a chunk function's result: one tensor or a tuple of tensors, each with the chunk's rows first
@@ -253,6 +254,8 @@ class Aggregation:
     _workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False, compare=False)
     _bfloat16: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
     _buckets: BucketPlan | None = field(default=None, repr=False, compare=False)
+    #: the model's scratch buffers (kept across calls) for the reused padded operands, when the model sets it
+    pool: Workspace | None = field(default=None, repr=False, compare=False)
 
     def bucket_plan(self) -> BucketPlan | None:
         """The slots in buckets of similar size (``buckets.BucketPlan``, kept for the call), or None where they
@@ -260,7 +263,7 @@ class Aggregation:
         if torch.compiler.is_compiling() or (self.chunks is not None and len(self.chunks) > 1):
             return None
         if self._buckets is None:
-            self._buckets = BucketPlan.of(self.outer, self.inner, self.size)
+            self._buckets = BucketPlan.of(self.outer, self.inner, self.size, pool=self.pool)
         return self._buckets
 
     def bfloat16_of(self, x: Tensor) -> Tensor:
@@ -327,7 +330,8 @@ class Aggregation:
 
         The padded position -> source row map is built once per (slots, index) and kept for the call.
         ``reuse``: the result is written into a buffer kept for the call and overwritten by the next ``reuse``
-        gather of the same size, so the caller must be done with it by then (a padded operand consumed at once).
+        gather (of the same size; of any size and layout when the model's ``pool`` holds the buffer), so the
+        caller must be done with it by then (a padded operand consumed at once).
         """
         compiling = torch.compiler.is_compiling()  # traced code keeps no cache (no guards on object ids)
         key = None if compiling else (slot_start, slot_stop, None if index is None else id(index), src.shape[0])
@@ -346,7 +350,12 @@ class Aggregation:
         buf_key = (positions.shape[0], *src.shape[1:], src.dtype, src.device)
         buffer = self._workspace.get(buf_key)
         if buffer is None:
-            buffer = self._workspace[buf_key] = src.new_empty((positions.shape[0], *src.shape[1:]))
+            padded = (positions.shape[0], *src.shape[1:])
+            if self.pool is not None:  # one buffer for every layout's padded operand, kept across calls
+                buffer = self.pool.get("gemnet_oc.pad_gather", padded, src.dtype, src.device)
+            else:
+                buffer = src.new_empty(padded)
+            self._workspace[buf_key] = buffer
         return torch.index_select(src_ext, 0, positions, out=buffer).view(shape)
 
 

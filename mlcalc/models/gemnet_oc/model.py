@@ -49,6 +49,7 @@ from mlcalc.models.gemnet_oc.scaling import apply_scale_dict, load_gemnet_state,
 from mlcalc.nn.chunking import checkpoint
 from mlcalc.nn.geometry import dihedral_angle
 from mlcalc.nn.scatter import gather, scatter_mean, scatter_sum
+from mlcalc.nn.workspace import Workspace
 
 
 @dataclass
@@ -250,6 +251,8 @@ class GemNetOC(MLModel):
         }  # fmt: skip
         self.chunk_size: int | None = DEFAULT_CHUNK_SIZE
         self.activation_checkpointing: bool = True
+        #: scratch buffers of the padded layers kept across calls (not state; ``mlcalc.nn.workspace``)
+        self.scratch = Workspace()
 
         self.scale_file = scale_file
         values = read_scale_file(scale_file)
@@ -378,6 +381,8 @@ class GemNetOC(MLModel):
             idx.a2a_agg = ix.neighbor_aggregation(a2a, n)
             aggs.append(idx.a2a_agg)
         ix.resolve_kmax(aggs)
+        for agg in aggs:
+            agg.pool = self.scratch
         rows = self.chunking().rows
         if rows is not None:  # a padded chunk holds as many values as an edge chunk: rows x emb_size_edge
 
