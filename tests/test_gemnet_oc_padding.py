@@ -63,6 +63,30 @@ def test_reused_buffer_holds_each_calls_values() -> None:
     assert len(agg._workspace) == 1  # one buffer served both
 
 
+def test_padding_without_zeros_gives_the_same_products_with_a_zero_padded_basis() -> None:
+    """``zero_pad=False`` fills the padding with src's first row instead of zeros (no zero row appended): the real
+    positions are the same, and a product with a zero-padded basis (how sph_m uses it) is unchanged."""
+    agg, n_rows = layout(2)
+    whole = slice(0, n_rows)
+    src = torch.randn(7, 4, dtype=torch.float64)
+    index = torch.randint(0, 7, (n_rows,))
+    zeros = agg.pad_gather(src, 0, 9, whole, index=index)
+    filled = agg.pad_gather(src, 0, 9, whole, index=index, zero_pad=False)
+    real = torch.zeros(9, agg.kmax, dtype=torch.bool)
+    real[agg.outer, agg.inner] = True
+    assert torch.equal(filled[real], zeros[real])
+    assert torch.equal(filled[~real], src[0].expand(int((~real).sum()), 4))
+    basis = agg.pad_columns(torch.randn(n_rows, 3, dtype=torch.float64))  # (9, 3, kmax), zero in the padding
+    torch.testing.assert_close(basis @ filled, basis @ zeros, rtol=0, atol=1e-14)
+    empty = torch.zeros(0, 4)  # nothing to copy: zeros after all
+    assert (
+        torch.count_nonzero(
+            Aggregation(agg.outer[:0], agg.inner[:0], 2, 1).pad_gather(empty, 0, 2, slice(0, 0), zero_pad=False)
+        )
+        == 0
+    )
+
+
 def test_one_chunk_triplet_bases_are_built_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two interaction blocks, three triplet interactions (e2e, a2e, e2a): without chunks, each circular basis's
     angular part is evaluated once per call; with many chunks, per block (so no whole layout exists)."""

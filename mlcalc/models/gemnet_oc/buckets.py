@@ -69,24 +69,30 @@ class BucketPlan:
         flat_of_row = flat_of_slot[outer] + inner
         return BucketPlan(slots, widths, offsets, flat_of_row, offset, pool=pool)
 
-    def source_positions(self, num_src: int, index: Tensor | None) -> Tensor:
-        """(V,) source row of each flat position: the row itself, or ``index[row]``; ``num_src`` (the zero row
-        appended to the source) for padding."""
-        key = (None if index is None else id(index), num_src)
+    def source_positions(self, num_src: int, index: Tensor | None, zero_pad: bool = True) -> Tensor:
+        """(V,) source row of each flat position: the row itself, or ``index[row]``; for padding ``num_src`` (the
+        zero row appended to the source) or, without ``zero_pad``, row 0."""
+        zero_pad = zero_pad or num_src == 0
+        key = (None if index is None else id(index), num_src, zero_pad)
         positions = self.positions.get(key)
         if positions is None:
             rows = self.flat_of_row.shape[0]
             source = torch.arange(rows, device=self.flat_of_row.device) if index is None else index
-            positions = torch.full((self.volume,), num_src, dtype=torch.long, device=self.flat_of_row.device)
+            filler = num_src if zero_pad else 0
+            positions = torch.full((self.volume,), filler, dtype=torch.long, device=self.flat_of_row.device)
             positions[self.flat_of_row] = source
             self.positions[key] = positions
         return positions
 
-    def gather(self, src: Tensor, index: Tensor | None = None, role: str | None = None) -> Tensor:
-        """(V, ...) flat padded layout of the rows' values src[row] (or src[index[row]]), zeros in the padding.
-        ``role``: written into the plan's buffer of that role, which the next gather of the role overwrites."""
-        src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))])
-        positions = self.source_positions(src.shape[0], index)
+    def gather(
+        self, src: Tensor, index: Tensor | None = None, role: str | None = None, zero_pad: bool = True
+    ) -> Tensor:
+        """(V, ...) flat padded layout of the rows' values src[row] (or src[index[row]]), zeros in the padding
+        (copies of src's first row without ``zero_pad``: for an operand whose partner is zero there). ``role``:
+        written into the plan's buffer of that role, which the next gather of the role overwrites."""
+        zero_pad = zero_pad or src.shape[0] == 0
+        src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))]) if zero_pad else src
+        positions = self.source_positions(src.shape[0], index, zero_pad)
         if role is None:
             return gather(src_ext, positions)
         return torch.index_select(src_ext, 0, positions, out=self.buffer(role, (self.volume, *src.shape[1:]), src))
@@ -143,7 +149,7 @@ class BucketedBasis:
         m[index[row]] with ``index``. ``bfloat16``: operands in bfloat16, float32 accumulation and result. The
         result is a buffer of the plan that the next ``product`` of the call overwrites: consume it at once."""
         src = m.to(torch.bfloat16) if bfloat16 else m
-        flat_m = self.plan.gather(src, index, role="messages")  # (V, C)
+        flat_m = self.plan.gather(src, index, role="messages", zero_pad=False)  # (V, C); the basis is 0 in padding
         # reused: every call writes the same slots, the others (empty groups) stay zero
         out = self.plan.buffer("product", (size, self.flat.shape[1], m.shape[1]), m, zeros=True)
         for b, slots in enumerate(self.plan.slots):

@@ -322,11 +322,14 @@ class Aggregation:
         rows: slice | Tensor,
         index: Tensor | None = None,
         reuse: bool = False,
+        zero_pad: bool = True,
     ) -> Tensor:
         """(slot_stop - slot_start, kmax, C) padded layout of the rows ``rows`` of slots [slot_start, slot_stop),
         gathered in one pass: a row's value is ``src[index[row]]`` with ``index``, else the row's entry of src
         (R_chunk, C), the values of ``rows`` in order; zeros elsewhere. The same values as ``pad_rows``; not
-        differentiable (used without autograd).
+        differentiable (used without autograd). ``zero_pad=False``: the padding holds copies of src's first row
+        instead of zeros (no zero row appended to src), for an operand whose partner in the product is zero there
+        (a padded basis).
 
         The padded position -> source row map is built once per (slots, index) and kept for the call.
         ``reuse``: the result is written into a buffer kept for the call and overwritten by the next ``reuse``
@@ -334,16 +337,20 @@ class Aggregation:
         caller must be done with it by then (a padded operand consumed at once).
         """
         compiling = torch.compiler.is_compiling()  # traced code keeps no cache (no guards on object ids)
+        zero_pad = zero_pad or src.shape[0] == 0
+        filler = src.shape[0] if zero_pad else 0  # the appended zero row, or src's first row
         key = None if compiling else (slot_start, slot_stop, None if index is None else id(index), src.shape[0])
+        key = None if key is None else (*key, zero_pad)
         positions = None if key is None else self._pad_index.get(key)
         if positions is None:
             n_slots = slot_stop - slot_start
             source = torch.arange(src.shape[0], device=src.device) if index is None else index[rows]
-            positions = torch.full((n_slots * self.kmax,), src.shape[0], dtype=torch.long, device=src.device)
+            positions = torch.full((n_slots * self.kmax,), filler, dtype=torch.long, device=src.device)
             positions[(self.outer[rows] - slot_start) * self.kmax + self.inner[rows]] = source
             if key is not None:
                 self._pad_index[key] = positions
-        src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))])  # row src.shape[0] is the zero row
+        # row src.shape[0] is the zero row
+        src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))]) if zero_pad else src
         shape = (slot_stop - slot_start, self.kmax, *src.shape[1:])
         if not reuse or compiling:
             return gather(src_ext, positions).view(shape)
@@ -522,7 +529,8 @@ class EfficientInteractionBilinear(nn.Module):
                 src = m[rows] if index is None else m
                 if bf16:
                     src, sph = src.to(torch.bfloat16), agg.bfloat16_of(sph)
-                m_padded = agg.pad_gather(src, edge_start, edge_stop, rows, index=index, reuse=True)
+                # sph is zero in the padding: m_padded needs no zeros there
+                m_padded = agg.pad_gather(src, edge_start, edge_stop, rows, index=index, reuse=True, zero_pad=False)
             else:
                 m_rows = m[rows] if index is None else gather(m, index[rows])
                 m_padded = agg.pad_rows(m_rows, edge_start, edge_stop, rows)  # (E_chunk, kmax, emb_in)
