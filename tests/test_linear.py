@@ -147,3 +147,16 @@ def test_models_with_packed_weights_deepcopy_and_pickle():
     assert set(state) == {"weight", "bias"}
     with torch.no_grad():
         torch.testing.assert_close(clone(torch.ones(2, 96)), layer(torch.ones(2, 96)), **F32)
+
+
+@needs_onednn
+def test_moving_a_layer_replaces_its_packed_weight():
+    """``.double().float()`` moves the weight's data: the packed copy follows it and the old one is dropped."""
+    layer = _layer()
+    x = torch.randn(8, 96)
+    with torch.no_grad():
+        layer(x)
+        layer.double().float()
+        layer.weight.mul_(0.5)
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), **F32)
+    assert len(lin._PACKED[layer.weight]) == 1

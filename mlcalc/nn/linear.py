@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: rows the prepacked layout is chosen for (oneDNN's batch-size hint); fixed, so results do not depend on which
 #: structure was evaluated first
 _PACK_ROWS = 1024
-#: weight (a view's base) -> {(dtype, data_ptr, shape, stride): (version counter, packed weight)}
+#: weight (a view's base) -> {(dtype, storage offset, shape, stride): ((version counter, data_ptr), packed weight)}
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
@@ -63,13 +63,15 @@ def _packed_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     if entry is None:
         entry = {}
         _PACKED[owner] = entry
-    key = (dtype, weight.data_ptr(), tuple(weight.shape), weight.stride())
+    # one entry per view of the owner; replaced (not added) when the data moves (``.to()``, ``.data =``)
+    key = (dtype, weight.storage_offset(), tuple(weight.shape), weight.stride())
+    stamp = (weight._version, weight.data_ptr())  # views share their base's version counter
     hit = entry.get(key)
-    if hit is not None and hit[0] == weight._version:  # views share their base's version counter
+    if hit is not None and hit[0] == stamp:
         return hit[1]
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous(), _PACK_ROWS)
-    entry[key] = (weight._version, packed)
+    entry[key] = (stamp, packed)
     return packed
 
 
