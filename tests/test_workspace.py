@@ -35,18 +35,20 @@ def test_requests_above_the_bound_are_not_kept():
 
 def test_threads_get_their_own_buffers():
     ws = Workspace()
-    ptrs = []
+    held = []  # the tensors stay alive, so no address can be reused between threads
+    barrier = threading.Barrier(2)
 
     def work():
-        ptrs.append(ws.get("x", (64,), torch.float32, "cpu").untyped_storage().data_ptr())
+        held.append(ws.get("x", (64,), torch.float32, "cpu"))
+        barrier.wait()  # both threads hold their buffer at once
 
     threads = [threading.Thread(target=work) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    mine = ws.get("x", (64,), torch.float32, "cpu").untyped_storage().data_ptr()
-    assert len({*ptrs, mine}) == 3
+    held.append(ws.get("x", (64,), torch.float32, "cpu"))
+    assert len({t.untyped_storage().data_ptr() for t in held}) == 3
 
 
 def test_copies_and_pickles_start_empty():

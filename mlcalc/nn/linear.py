@@ -123,4 +123,5 @@ class Linear(nn.Linear):
     product on that path)."""
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:  # type: ignore[override]
+        """x (..., in_features) -> (..., out_features): x @ weight.T + bias, then SiLU with ``silu``."""
         return linear(x, self.weight, self.bias, silu=silu)

@@ -3,7 +3,8 @@
 A model evaluated again and again on structures of similar size (a relaxation, MD) allocates the same large
 temporaries every call. Large allocations come from fresh, unmapped memory (glibc serves blocks of 32 MiB and more
 with mmap, and returns freed heap tops to the system), and on the virtual machines measured every fresh 4 KiB
-page costs ~3 us in page faults: ~27,000 faults, ~80 ms, per 0.9 s call of GemNet-OC base on a 37-atom slab.
+page costs ~3 us in page faults: ~27,000 faults, ~80 ms, per 0.9 s call of GemNet-OC base on a 37-atom slab
+(docs/performance.md, second session of 2026-12-01).
 A ``Workspace`` keeps one buffer per role, grown when a call needs more and otherwise reused, so that its pages
 stay mapped from one call to the next.
 
@@ -29,7 +30,15 @@ SLACK = 1.1
 
 
 class Workspace:
-    """Per-thread scratch buffers by role, kept across calls (see the module docstring)."""
+    """Per-thread scratch buffers by role, kept across calls (see the module docstring).
+
+    Args:
+        max_bytes: bytes one kept buffer may hold (default 256 MiB); a larger request gets a fresh tensor that is
+            not kept. A grown buffer is allocated with 10 % room (``SLACK``) for sizes that drift between calls.
+
+    The buffers stay allocated until ``clear()`` (per thread) or until their thread ends; each thread that
+    evaluates the owner keeps its own.
+    """
 
     def __init__(self, max_bytes: int = MAX_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -63,12 +72,14 @@ class Workspace:
         """Drop this thread's buffers."""
         self._buffers().clear()
 
-    # not model state: copies start empty
     def __deepcopy__(self, memo: dict) -> Workspace:
+        """An empty workspace with the same bound (buffers are not model state)."""
         return Workspace(self.max_bytes)
 
     def __getstate__(self) -> dict:
+        """Pickled without buffers: only the bound."""
         return {"max_bytes": self.max_bytes}
 
     def __setstate__(self, state: dict) -> None:
+        """An empty workspace with the pickled bound."""
         self.__init__(state["max_bytes"])
