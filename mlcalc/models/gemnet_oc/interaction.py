@@ -19,6 +19,7 @@ from mlcalc.models.gemnet_oc.layers import (
     ResidualLayer,
     ScaleFactor,
     map_rows,
+    mul_fresh,
     run_chunks,
 )
 from mlcalc.models.gemnet_oc.output import AtomUpdateBlock
@@ -69,11 +70,11 @@ class QuadrupletInteraction(nn.Module):
 
     def project_db(self, m: Tensor, rad: Tensor) -> Tensor:
         """(E_chunk, emb_size_edge), (E_chunk, emb_size_rbf) -> (E_chunk, emb_size_quad_in)."""
-        return self.down_projection(self.scale_rbf(self.dense_db(m) * self.mlp_rbf(rad)))
+        return self.down_projection(self.scale_rbf(mul_fresh(self.dense_db(m), self.mlp_rbf(rad))))
 
     def triplet_rows(self, edge: Tensor, cir: Tensor, x_db: Tensor) -> Tensor:
         """Input triplets with input edge ``edge`` (T_chunk,) and basis cir (T_chunk, emb_size_cbf)."""
-        return self.scale_cbf(gather(x_db, edge) * self.mlp_cbf(cir))
+        return self.scale_cbf(mul_fresh(gather(x_db, edge), self.mlp_cbf(cir)))
 
     def project_out(self, x: Tensor, x_swap: Tensor) -> Tensor:
         """Messages of edges c -> a and of their reverses (E_chunk, quad_out) -> (E_chunk, emb_size_edge)."""
@@ -136,11 +137,11 @@ class TripletInteraction(nn.Module):
 
     def project_in(self, m: Tensor, rad: Tensor) -> Tensor:
         """rbf(d_ba) message of input edges: (E_chunk, emb_size_in), (E_chunk, emb_size_rbf) -> (E_chunk, trip_in)."""
-        return self.down_projection(self.scale_rbf(self.dense_ba(m) * self.mlp_rbf(rad)))
+        return self.down_projection(self.scale_rbf(mul_fresh(self.dense_ba(m), self.mlp_rbf(rad))))
 
     def project_in_expanded(self, atom: Tensor, rad: Tensor, h_ba: Tensor) -> Tensor:
         """As ``project_in`` for input edges whose features are the rows ``atom`` (E_chunk,) of dense_ba(h)."""
-        return self.down_projection(self.scale_rbf(gather(h_ba, atom) * self.mlp_rbf(rad)))
+        return self.down_projection(self.scale_rbf(mul_fresh(gather(h_ba, atom), self.mlp_rbf(rad))))
 
     def project_out(self, x: Tensor, x_swap: Tensor) -> Tensor:
         """Messages of edges c -> a and of their reverses (E_chunk, trip_out) -> (E_chunk, emb_size_out)."""

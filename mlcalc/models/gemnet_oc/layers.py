@@ -53,6 +53,14 @@ def needs_grad(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+def mul_fresh(fresh: Tensor, other: Tensor) -> Tensor:
+    """fresh * other (same shape), written into ``fresh``, a temporary no one else reads, when no gradient is
+    recorded: no new buffer, the same products."""
+    if needs_grad(fresh) or needs_grad(other):
+        return fresh * other
+    return fresh.mul_(other)
+
+
 class ScaledSiLU(nn.Module):
     """SiLU(x) / 0.6, roughly variance preserving."""
 

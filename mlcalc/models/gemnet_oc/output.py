@@ -6,7 +6,16 @@ import math
 
 from torch import Tensor, nn
 
-from mlcalc.models.gemnet_oc.layers import PLAIN, Chunking, Dense, ResidualLayer, ScaleFactor, map_rows, scatter_rows
+from mlcalc.models.gemnet_oc.layers import (
+    PLAIN,
+    Chunking,
+    Dense,
+    ResidualLayer,
+    ScaleFactor,
+    map_rows,
+    mul_fresh,
+    scatter_rows,
+)
 from mlcalc.nn.linear import linear
 
 
@@ -33,7 +42,7 @@ class AtomUpdateBlock(nn.Module):
         in chunks of edges (the (E, emb_size_edge) product is never whole)."""
 
         def rows(m: Tensor, basis_rad: Tensor) -> Tensor:
-            return m * self.dense_rbf(basis_rad)
+            return mul_fresh(self.dense_rbf(basis_rad), m)
 
         return scatter_rows(rows, [m, basis_rad], idx_atom, num_atoms, chunking)
 
@@ -108,5 +117,5 @@ class OutputBlock(AtomUpdateBlock):
         x_f = m
         for layer in self.seq_forces:
             x_f = layer(x_f)
-        x_f = self.scale_rbf_F(x_f * self.dense_rbf_F(basis_rad))
+        x_f = self.scale_rbf_F(mul_fresh(self.dense_rbf_F(basis_rad), x_f))
         return x_f if force_weight is None else linear(x_f, force_weight)
