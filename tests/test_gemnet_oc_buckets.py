@@ -126,3 +126,20 @@ def test_repeated_products_reuse_buffers_without_stale_values():
         out = basis.product(values, size).clone()
         torch.testing.assert_close(out, reference(outer, first, second, values, size), rtol=1e-12, atol=1e-12)
         assert torch.count_nonzero(out[counts == 0]) == 0
+
+
+def test_product_with_a_projected_radial_basis():
+    """product(m, rad=R) = R[e] @ (the basis-weighted sum of e), computed as (R[e] @ basis[e]) @ m; R's products
+    are made once and reused while R is the same tensor (every block of a call)."""
+    outer, inner, counts = ragged(5)
+    size, rows = counts.shape[0], outer.shape[0]
+    g = torch.Generator().manual_seed(6)
+    first, second = (torch.randn(rows, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    rad = torch.randn(size, 4, 9, generator=g, dtype=torch.float64)
+    basis = BucketedBasis.outer_product(BucketPlan.of(outer, inner, size), first, second)
+    for seed in range(2):
+        values = torch.randn(rows, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        expected = rad @ reference(outer, first, second, values, size)
+        torch.testing.assert_close(basis.product(values, size, rad=rad), expected, rtol=1e-12, atol=1e-12)
+    kept = basis.projected(rad)
+    assert basis.projected(rad) is kept  # made once per rad

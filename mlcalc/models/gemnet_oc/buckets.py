@@ -126,6 +126,8 @@ class BucketedBasis:
     plan: BucketPlan
     flat: Tensor
     _bfloat16: Tensor | None = field(default=None, repr=False)
+    #: (rad, bfloat16) -> per bucket rad[slots] @ operand (n_b, I, width_b): see ``product``'s ``rad``
+    _projected: tuple[Tensor, bool, list[Tensor]] | None = field(default=None, repr=False)
 
     @staticmethod
     def outer_product(plan: BucketPlan, first: Tensor, second: Tensor) -> BucketedBasis:
@@ -144,15 +146,42 @@ class BucketedBasis:
             flat = self._bfloat16
         return torch.transpose(self.plan.bucket(flat, b), 1, 2)
 
-    def product(self, m: Tensor, size: int, index: Tensor | None = None, bfloat16: bool = False) -> Tensor:
+    def projected(self, rad: Tensor, bfloat16: bool = False) -> list[Tensor]:
+        """Per bucket rad[slots] @ operand: (n_b, I, width_b) from a per-slot matrix rad (size, I, S); kept while
+        rad is the last one asked for (a call's blocks share one projected radial basis)."""
+        hit = self._projected
+        if hit is not None and hit[0] is rad and hit[1] == bfloat16:
+            return hit[2]
+        volume, width = self.plan.volume, rad.shape[1]
+        flat = self.plan.buffer("projected", (volume * width,), self.flat)
+        parts = []
+        start = 0
+        for b, slots in enumerate(self.plan.slots):
+            n, k = slots.shape[0], self.plan.widths[b]
+            part = flat[start : start + n * width * k].view(n, width, k)
+            torch.bmm(rad[slots].to(self.flat.dtype), self.operand(b), out=part)
+            parts.append(part.to(torch.bfloat16) if bfloat16 else part)
+            start += n * width * k
+        self._projected = (rad, bfloat16, parts)
+        return parts
+
+    def product(
+        self, m: Tensor, size: int, index: Tensor | None = None, bfloat16: bool = False, rad: Tensor | None = None
+    ) -> Tensor:
         """sum_k basis[e, :, k] m[row(e, k)] for every slot e: (size, S, C) from the rows' values m (R, C), or
-        m[index[row]] with ``index``. ``bfloat16``: operands in bfloat16, float32 accumulation and result. The
-        result is a buffer of the plan that the next ``product`` of the call overwrites: consume it at once."""
+        m[index[row]] with ``index``. With ``rad`` (size, I, S): rad[e] @ that sum, (size, I, C), computed as
+        (rad[e] @ basis[e]) @ m with the first product made once per rad (``projected``): the bilinear layers
+        multiply every block's messages with the same projected radial basis. ``bfloat16``: operands in
+        bfloat16, float32 accumulation and result. The result is a buffer of the plan that the next ``product``
+        of the call overwrites: consume it at once."""
         src = m.to(torch.bfloat16) if bfloat16 else m
         flat_m = self.plan.gather(src, index, role="messages", zero_pad=False)  # (V, C); the basis is 0 in padding
+        operands = self.projected(rad, bfloat16) if rad is not None else None
+        rows = self.flat.shape[1] if rad is None else rad.shape[1]
         # reused: every call writes the same slots, the others (empty groups) stay zero
-        out = self.plan.buffer("product", (size, self.flat.shape[1], m.shape[1]), m, zeros=True)
+        out = self.plan.buffer("product", (size, rows, m.shape[1]), m, zeros=True)
         for b, slots in enumerate(self.plan.slots):
-            part = torch.bmm(self.operand(b, bfloat16), self.plan.bucket(flat_m, b))
+            left = operands[b] if operands is not None else self.operand(b, bfloat16)
+            part = torch.bmm(left, self.plan.bucket(flat_m, b))
             out.index_copy_(0, slots, part.to(out.dtype))
         return out

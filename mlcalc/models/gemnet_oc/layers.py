@@ -556,8 +556,8 @@ class EfficientInteractionBilinear(nn.Module):
         lazy = isinstance(basis, TripletBasis)
         if agg2 is None and not lazy and isinstance(basis[1], BucketedBasis):  # one chunk, no autograd
             bf16 = m.dtype == torch.float32 and m.device.type == "cpu" and bfloat16_products()
-            sph_m_all = basis[1].product(m, agg.size, index=index, bfloat16=bf16)  # (E, num_spherical, emb_in)
-            return self.bilinear(torch.matmul(basis[0], sph_m_all).flatten(1))
+            # rad_W1 @ (sph @ m) as (rad_W1 @ sph) @ m, the first product once per call: (E, interm, emb_in)
+            return self.bilinear(basis[1].product(m, agg.size, index=index, bfloat16=bf16, rad=basis[0]).flatten(1))
         if agg2 is None:
 
             def edge_product(start: int, stop: int, rows: slice | Tensor, rad_w1: Tensor, sph: Tensor, m: Tensor):
