@@ -37,13 +37,14 @@ class BucketPlan:
     offsets: list[int]
     flat_of_row: Tensor
     volume: int
-    #: per source index (id) and source size: (V,) source row of each flat position (the zero row for padding)
-    positions: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
+    #: per source index (id, None for the rows themselves): (V,) source row of each flat position
+    positions: dict[int | None, Tensor] = field(default_factory=dict, repr=False)
     #: where the large operands live: the model's ``Workspace`` (kept across calls) or, without one, buffers of
     #: this plan reused by every ``BucketedBasis.product`` of the call. On the VMs measured a fresh 20 MB tensor
     #: costs ~10 ms in page faults, more than the gather that fills it
     pool: Workspace | None = field(default=None, repr=False)
     workspace: dict[tuple, Tensor] = field(default_factory=dict, repr=False)
+    _padding: Tensor | None = field(default=None, repr=False)
 
     @staticmethod
     def of(outer: Tensor, inner: Tensor, size: int, ratio: float = RATIO, pool: Workspace | None = None) -> BucketPlan:
@@ -69,17 +70,14 @@ class BucketPlan:
         flat_of_row = flat_of_slot[outer] + inner
         return BucketPlan(slots, widths, offsets, flat_of_row, offset, pool=pool)
 
-    def source_positions(self, num_src: int, index: Tensor | None, zero_pad: bool = True) -> Tensor:
-        """(V,) source row of each flat position: the row itself, or ``index[row]``; for padding ``num_src`` (the
-        zero row appended to the source) or, without ``zero_pad``, row 0."""
-        zero_pad = zero_pad or num_src == 0
-        key = (None if index is None else id(index), num_src, zero_pad)
+    def source_positions(self, index: Tensor | None) -> Tensor:
+        """(V,) source row of each flat position: the row itself, or ``index[row]``; row 0 for padding."""
+        key = None if index is None else id(index)
         positions = self.positions.get(key)
         if positions is None:
             rows = self.flat_of_row.shape[0]
             source = torch.arange(rows, device=self.flat_of_row.device) if index is None else index
-            filler = num_src if zero_pad else 0
-            positions = torch.full((self.volume,), filler, dtype=torch.long, device=self.flat_of_row.device)
+            positions = torch.zeros(self.volume, dtype=torch.long, device=self.flat_of_row.device)
             positions[self.flat_of_row] = source
             self.positions[key] = positions
         return positions
@@ -90,12 +88,24 @@ class BucketPlan:
         """(V, ...) flat padded layout of the rows' values src[row] (or src[index[row]]), zeros in the padding
         (copies of src's first row without ``zero_pad``: for an operand whose partner is zero there). ``role``:
         written into the plan's buffer of that role, which the next gather of the role overwrites."""
-        zero_pad = zero_pad or src.shape[0] == 0
-        src_ext = torch.cat([src, src.new_zeros((1, *src.shape[1:]))]) if zero_pad else src
-        positions = self.source_positions(src.shape[0], index, zero_pad)
+        if src.shape[0] == 0:  # nothing to gather: all padding
+            return src.new_zeros((self.volume, *src.shape[1:]))
+        # gathered with src's first row in the padding, then those positions zeroed: no copy of src with a zero row
+        # appended (for the bases' (Q, n) factors that copy cost more than the gather)
+        positions = self.source_positions(index)
         if role is None:
-            return gather(src_ext, positions)
-        return torch.index_select(src_ext, 0, positions, out=self.buffer(role, (self.volume, *src.shape[1:]), src))
+            out = gather(src, positions)
+        else:
+            out = torch.index_select(src, 0, positions, out=self.buffer(role, (self.volume, *src.shape[1:]), src))
+        return out.index_fill_(0, self.padding(), 0) if zero_pad else out
+
+    def padding(self) -> Tensor:
+        """(V - R,) the flat positions that hold no row."""
+        if self._padding is None:
+            free = torch.ones(self.volume, dtype=torch.bool, device=self.flat_of_row.device)
+            free[self.flat_of_row] = False
+            self._padding = torch.nonzero(free).flatten()
+        return self._padding
 
     def buffer(self, role: str, shape: tuple[int, ...], like: Tensor, zeros: bool = False) -> Tensor:
         """The buffer of ``role`` with this shape and like's dtype and device; ``zeros``: zero-filled the first
