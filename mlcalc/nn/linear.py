@@ -50,7 +50,12 @@ def onednn_linear_available() -> bool:
         w = torch.arange(12, dtype=torch.float32).reshape(4, 3) / 7
         packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return bool(torch.allclose(out, x @ w.T, rtol=1e-5, atol=1e-5))
+        fused = torch.ops.mkldnn._linear_pointwise(x, packed, None, "swish", [], "")
+        ref = x @ w.T
+        return bool(
+            torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+            and torch.allclose(fused, nn.functional.silu(ref), rtol=1e-5, atol=1e-5)
+        )
     except Exception as err:  # noqa: BLE001 - any failure means: use torch.nn.functional.linear
         logger.debug("oneDNN prepacked linear unavailable: %s", err)
         return False
