@@ -88,13 +88,19 @@ def available_bytes(device: torch.device | str) -> int | None:
 
 
 def check_fits(model: torch.nn.Module, graph, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Raise MemoryError when ``model.estimate_memory(graph)`` (bytes at float32, scaled to ``dtype``) exceeds
+    """Raise MemoryError when ``model.estimate_memory(graph)`` (bytes at float32, scaled to ``dtype``; plus, for a
+    direct-force model's first float32 CPU call, the prepacked weight copies of ``mlcalc.nn.linear``) exceeds
     ``available_bytes(device)``. No-op for models without an estimate or devices without a reading."""
     estimate_fn = getattr(model, "estimate_memory", None)
     estimate = estimate_fn(graph) if estimate_fn is not None else None
     if not estimate:
         return
     estimate = int(estimate * torch.empty((), dtype=dtype).element_size() / 4)
+    direct = getattr(model, "direct_forces", False) or not getattr(model, "regress_forces", True)
+    if direct and torch.device(device).type == "cpu" and dtype == torch.float32:
+        from mlcalc.nn.linear import pending_pack_bytes
+
+        estimate += pending_pack_bytes(model)  # the first autograd-free call keeps packed copies of the weights
     available = available_bytes(device)
     if available is None or estimate <= available:
         return

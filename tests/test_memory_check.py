@@ -91,3 +91,27 @@ def test_chunk_size_must_be_a_positive_integer(bad):
     assert model.chunk_size == 7 and type(model.chunk_size) is int
     model.chunk_size = None
     assert model.chunk_size is None
+
+
+def test_first_direct_force_call_counts_the_packed_weights(monkeypatch):
+    """A direct-force model's first float32 CPU call keeps prepacked copies of its linear weights
+    (mlcalc.nn.linear): the check adds their bytes until they exist."""
+    from test_gemnet_oc_memory import slab, small_model
+
+    from mlcalc.calculator import evaluate_model
+    from mlcalc.nn.linear import Linear, onednn_linear_available, pending_pack_bytes
+
+    if not onednn_linear_available():
+        pytest.skip("torch build without oneDNN linear")
+    model = small_model(direct=True).float()
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+    assert pending_pack_bytes(model) == weights > 0
+    graph = MLCalculator(model, device="cpu", dtype="float32").build_graph(slab())
+    estimate = model.estimate_memory(graph)
+    monkeypatch.setattr(mlcalc.memory, "available_bytes", lambda device: estimate + weights // 2)
+    with pytest.raises(MemoryError):
+        mlcalc.memory.check_fits(model, graph, "cpu", torch.float32)
+    with torch.no_grad():
+        evaluate_model(model, graph)  # packs them
+    assert pending_pack_bytes(model) == 0
+    mlcalc.memory.check_fits(model, graph, "cpu", torch.float32)  # fits now

@@ -130,3 +130,17 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:  # type: ignore[override]
         """x (..., in_features) -> (..., out_features): x @ weight.T + bias, then SiLU with ``silu``."""
         return linear(x, self.weight, self.bias, silu=silu)
+
+
+def pending_pack_bytes(module: nn.Module) -> int:
+    """Bytes that the prepacked copies of ``module``'s float32 CPU ``Linear`` weights will add on its first call
+    without autograd (0 for weights already packed, or where the oneDNN path is unavailable): what the memory check
+    adds to a direct-force model's estimate before that call."""
+    if not onednn_linear_available():
+        return 0
+    total = 0
+    for layer in module.modules():
+        w = layer.weight if isinstance(layer, Linear) else None
+        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w not in _PACKED:
+            total += w.numel() * w.element_size()
+    return total
