@@ -10,6 +10,12 @@ buckets live in one flat (V, ...) layout, V = sum over buckets of (edges x width
 Every real term of each per-edge sum is the same product as in the fully padded layout, only fewer zero terms are
 added: the result equals the padded product up to float32 summation order. Used without autograd, for calls that
 run in one chunk and are not being traced by torch.compile (bucket sizes depend on the data).
+
+The layer multiplies the result by each edge's projected radial basis, rad_W1 @ (sph @ m); with
+``BucketedBasis.product(rad=...)`` that is computed as (rad_W1 @ sph) @ m, the first product once per call, as the
+bases are the same for every interaction block. The bilinear layer itself is GemNet-OC's (Gasteiger et al., "GemNet-OC:
+developing graph neural networks for large and diverse molecular simulation datasets", TMLR 2022; fairchem's
+``EfficientInteractionBilinear``).
 """
 
 from __future__ import annotations
