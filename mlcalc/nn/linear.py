@@ -6,9 +6,9 @@ parameters that do not require grad), on a CPU, in float32, its product runs thr
 reordered once into oneDNN's blocked layout and kept (``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``, the kernels TorchInductor's CPU weight prepacking uses), with an optional SiLU fused into the
 product's epilogue. On the OC20-size GemNet-OC, eSCN and SCN layers (about a thousand rows of 512 channels) this is
-5-20 % faster than ``torch.nn.functional.linear`` (MKL sgemm on a plain weight) on the CPUs measured
-(``docs/performance.md``): the weight is not re-blocked every call and the activation does not take a second pass
-over the output.
+5-20 % faster than ``torch.nn.functional.linear`` (MKL sgemm on a plain weight) on the CPU measured, an AVX-512
+AMD EPYC (``docs/performance.md``): the weight is not re-blocked every call and the activation does not take a
+second pass over the output.
 
 Inside ``mlcalc.precision.Bfloat16Linears`` ("medium" on CPUs with bfloat16 arithmetic) the prepacked weight is a
 bfloat16 copy and the call keeps that mode's arithmetic: bfloat16 input and weight, float32 accumulation, product
@@ -17,7 +17,8 @@ rounded to bfloat16, returned as float32, bias added in float32.
 Every other call (autograd recording, CUDA, float64, torch.compile tracing, an empty input, a torch build without
 these oneDNN kernels) is ``torch.nn.functional.linear``. The prepacked copies cost one extra copy of each weight
 (~156 MB for GemNet-OC base); they live in a weak dictionary keyed by the weight and are rebuilt when the weight is
-changed in place (its version counter), moved or replaced. Nothing global is changed.
+changed in place (its version counter), moved or replaced; the calculator's memory check counts them before they
+exist (``pending_pack_bytes``). Nothing global is changed.
 """
 
 from __future__ import annotations
