@@ -95,7 +95,7 @@ def check_fits(model: torch.nn.Module, graph, device: torch.device | str, dtype:
     estimate = estimate_fn(graph) if estimate_fn is not None else None
     if not estimate:
         return
-    estimate = int(estimate * torch.empty((), dtype=dtype).element_size() / 4)
+    estimate = int(estimate * dtype.itemsize / 4)
     direct = getattr(model, "direct_forces", False) or not getattr(model, "regress_forces", True)
     if direct and torch.device(device).type == "cpu" and dtype == torch.float32:
         from mlcalc.nn.linear import pending_pack_bytes

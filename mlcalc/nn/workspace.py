@@ -53,7 +53,7 @@ class Workspace:
     def get(self, role: Hashable, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor of ``shape`` (contiguous) that the next ``get`` of ``role`` overwrites."""
         numel = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if numel * itemsize > self.max_bytes:
             return torch.empty(shape, dtype=dtype, device=device)
         key = (role, dtype, torch.device(device))

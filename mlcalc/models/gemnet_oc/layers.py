@@ -347,8 +347,9 @@ class Aggregation:
         compiling = torch.compiler.is_compiling()  # traced code keeps no cache (no guards on object ids)
         zero_pad = zero_pad or src.shape[0] == 0
         filler = src.shape[0] if zero_pad else 0  # the appended zero row, or src's first row
-        key = None if compiling else (slot_start, slot_stop, None if index is None else id(index), src.shape[0])
-        key = None if key is None else (*key, zero_pad)
+        key = None
+        if not compiling:  # (id() while tracing would guard on the object: a recompilation every call)
+            key = (slot_start, slot_stop, None if index is None else id(index), src.shape[0], zero_pad)
         positions = None if key is None else self._pad_index.get(key)
         if positions is None:
             n_slots = slot_stop - slot_start
@@ -527,12 +528,12 @@ class EfficientInteractionBilinear(nn.Module):
         (optional): output edges -> atoms. Returns (E or N, emb_size_out). Chunks of output slots (``agg.chunks``,
         or ``agg2.chunks`` with ``agg2.inner_rows``) bound the padded tensors; without a plan for agg2 its edges
         are done in one piece."""
+        # "medium" on a bfloat16 CPU: the padded products in bfloat16 as well (float32 accumulation and result)
+        bf16 = m.dtype == torch.float32 and m.device.type == "cpu" and bfloat16_products()
 
         def sph_m(m: Tensor, sph: Tensor, edge_start: int, edge_stop: int, rows: slice | Tensor) -> Tensor:
             """sum_k sph[e, :, k] m[k] of the output edges [edge_start, edge_stop) with their rows of sph:
             (E_chunk, num_spherical, emb_in)."""
-            # "medium" on a bfloat16 CPU: this product in bfloat16 as well (float32 accumulation and result)
-            bf16 = m.dtype == torch.float32 and sph.device.type == "cpu" and bfloat16_products()
             if not needs_grad(m):  # one gather into a buffer reused by every block (consumed at once)
                 src = m[rows] if index is None else m
                 if bf16:
@@ -555,7 +556,6 @@ class EfficientInteractionBilinear(nn.Module):
 
         lazy = isinstance(basis, TripletBasis)
         if agg2 is None and not lazy and isinstance(basis[1], BucketedBasis):  # one chunk, no autograd
-            bf16 = m.dtype == torch.float32 and m.device.type == "cpu" and bfloat16_products()
             # rad_W1 @ (sph @ m) as (rad_W1 @ sph) @ m, the first product once per call: (E, interm, emb_in)
             return self.bilinear(basis[1].product(m, agg.size, index=index, bfloat16=bf16, rad=basis[0]).flatten(1))
         if agg2 is None:
